@@ -1,0 +1,1 @@
+"""Pointwise heads: each response scored on its own (formula sheet, "Pointwise heads")."""

@@ -1,0 +1,1 @@
+"""Additive regularisers added to a preference head (formula sheet, "Additive regularisers")."""
