@@ -10,7 +10,7 @@ from .registry import (
     loss_spec,
     register_loss,
 )
-from .scores import ScoreView, Scores
+from .scores import Scores, ScoreView
 
 __all__ = [
     "CombinedLoss",

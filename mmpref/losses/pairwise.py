@@ -1,18 +1,34 @@
 """Pairwise preference heads: one loss per (winner, loser) pair, ``(B, K)``, averaged over the K losers.
 
 Rows of the formula sheet (``shared/design/losses.md``, "Pairwise heads"). Notation: ``r = lp - lr``,
-``h = r(y_w) - r(y_l)``, ``ls = log sigma``.
+``h = r(y_w) - r(y_l)``, ``ls = log sigma``, ``s = sigma``. Each function returns ``(B, K)`` per-pair losses (the
+registry averages the K pairs) or ``(B,)`` per-group losses, optionally with a dict of extra metrics.
+Everything is built from ``F.logsigmoid`` / ``logsumexp`` so it stays finite for ``|beta * h|`` up to 1e4.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import in_range, positive, register_loss
-from .scores import ScoreView, margin
+from .registry import in_range, non_negative, one_of, positive, register_loss
+from .scores import ScoreKind, ScoreView, chosen, margin, rejected
 
 
+def _ratio_kind(params: dict) -> ScoreKind:
+    """``form="mean"`` -> length-averaged log-ratios, ``"sum"`` -> summed (IPO's option)."""
+    return "mean_ratio" if params["form"] == "mean" else "ratio"
+
+
+def _winner_nll(view: ScoreView, form: str) -> Tensor:
+    """NLL of the winners, ``(B, 1)`` so it broadcasts over the K pairs: token mean or sequence sum."""
+    return -chosen(view.get("mean_lp" if form == "mean" else "lp")).unsqueeze(1)
+
+
+# ----- reference-based, Bradley-Terry family ---------------------------------------------------------------------
 @register_loss("dpo", checks={"beta": positive()})
 def dpo(view: ScoreView, *, beta: float = 0.1) -> Tensor:
     """Direct Preference Optimization: ``-log sigma(beta * h)``.
@@ -23,3 +39,222 @@ def dpo(view: ScoreView, *, beta: float = 0.1) -> Tensor:
     Diffusion (Tango 2, Wallace et al. 2023): with ``lp = -1/2 * mse`` and beta 2000 this is diffusion-DPO.
     """
     return -F.logsigmoid(beta * margin(view.ratio))
+
+
+@register_loss("cdpo", checks={"beta": positive(), "e": in_range(0, 0.5)})
+def cdpo(view: ScoreView, *, beta: float = 0.1, e: float = 0.1) -> Tensor:
+    """Conservative DPO (label smoothing): ``-(1 - e) * ls(beta*h) - e * ls(-beta*h)``.
+
+    Intuition: the label is right with probability ``1 - e``; the target preference is ``1 - e`` instead of 1, so
+    the optimum margin is finite (``h* = log((1-e)/e) / beta``) rather than pushed to infinity. ``e = 0`` is DPO.
+    Paper: Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (the cDPO note, no arXiv id).
+    """
+    z = beta * margin(view.ratio)
+    return -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
+
+
+@register_loss("rdpo", checks={"beta": positive(), "e": in_range(0, 0.5, hi_closed=False)})
+def rdpo(view: ScoreView, *, beta: float = 0.1, e: float = 0.1) -> Tensor:
+    """Robust DPO: ``[-(1 - e) * ls(beta*h) + e * ls(-beta*h)] / (1 - 2e)``.
+
+    Intuition: if each label is flipped independently with rate ``e``, the expectation of this loss over the flips
+    equals the clean DPO loss (an unbiased de-noised estimator); unlike cDPO it does not cap the margin.
+    ``e = 0`` is DPO; ``e`` must be below 1/2 (at 1/2 the labels carry no information).
+    Paper: Chowdhury et al. 2024, "Provably Robust DPO" (arXiv 2403.00409).
+    """
+    z = beta * margin(view.ratio)
+    return (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
+
+
+@register_loss("exo", checks={"beta": positive(), "e": in_range(0, 0.5, lo_closed=False)})
+def exo(view: ScoreView, *, beta: float = 0.1, e: float = 1e-3) -> Tensor:
+    """EXO (pairwise): ``s(beta*h) * (ls(beta*h) - log(1-e)) + s(-beta*h) * (ls(-beta*h) - log e)``.
+
+    Intuition: the reverse KL from the policy's implied preference ``(s(beta*h), s(-beta*h))`` to the smoothed label
+    ``(1 - e, e)``; being mode-seeking, it matches the RLHF optimum rather than DPO's forward-KL fit.
+    Paper: Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (arXiv 2402.00856),
+    pairwise form as in TRL's ``exo_pair``; K losers are averaged pairwise.
+    """
+    z = beta * margin(view.ratio)
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-e)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(e)
+    )
+
+
+@register_loss("ipo", checks={"tau": positive(), "form": one_of("mean", "sum")},
+               needs_lengths=lambda p: p["form"] == "mean", reward=_ratio_kind, reward_scale="tau")
+def ipo(view: ScoreView, *, tau: float = 0.1, form: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
+    """Identity Preference Optimisation: ``(h' - 1/(2*tau))^2``.
+
+    Intuition: regress the margin onto a fixed target instead of pushing it to infinity, so the policy cannot
+    drift arbitrarily far from the reference on deterministic preferences; minimised at ``h' = 1/(2*tau)``.
+    ``h'`` uses length-averaged log-ratios ``r(y)/n(y)`` by default (``form="mean"``, needs lengths), or summed
+    ones (``form="sum"``).
+    Paper: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"
+    (arXiv 2310.12036).
+    """
+    h = margin(view.get(_ratio_kind({"form": form})))
+    return (h - 1 / (2 * tau)) ** 2, {"ipo/margin": h.detach().mean()}
+
+
+@register_loss("hinge", checks={"gamma": positive()}, reward_scale="gamma")
+def hinge(view: ScoreView, *, gamma: float = 0.05) -> Tensor:
+    """Reference-normalised hinge (SLiC-HF / RSO "hinge-norm"): ``max(0, 1 - gamma * h)``.
+
+    Intuition: a max-margin classifier on the log-ratio margin; pairs already separated by ``1/gamma`` give no
+    gradient. "norm" means reference-normalised, not length-normalised.
+    Papers: Zhao et al. 2023, "SLiC-HF" (arXiv 2305.10425); Liu et al. 2023, "Statistical Rejection Sampling
+    Improves Preference Optimization" (RSO, arXiv 2309.06657), gamma 0.05.
+    """
+    return F.relu(1 - gamma * margin(view.ratio))
+
+
+@register_loss("sppo", checks={"beta": positive()})
+def sppo(view: ScoreView, *, beta: float = 1e-3) -> Tensor:
+    """Self-Play Preference Optimisation: ``(r(y_w) - eta*(P_w - 1/2))^2 + (r(y_l) - eta*(P_l - 1/2))^2``.
+
+    Intuition: each response's log-ratio regresses onto its centred win probability scaled by ``eta = 1/beta``
+    (a multiplicative-weights step of a two-player game); winners move up, losers down, each on its own scale.
+    ``P`` comes from ``Scores.win_prob`` (win probability vs the current policy's samples); without it hard labels
+    ``P_w = 1, P_l = 0`` are used. The reference is the previous iterate. Default beta 1e-3 (paper's eta = 1e3).
+    Paper: Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment" (arXiv 2405.00675).
+    """
+    sq = (view.ratio - (view.win_prob - 0.5) / beta) ** 2
+    return chosen(sq).unsqueeze(1) + rejected(sq)
+
+
+@register_loss("nca", checks={"beta": positive()})
+def nca(view: ScoreView, *, beta: float = 0.1) -> Tensor:
+    """Noise Contrastive Alignment (pairwise): ``-ls(beta*r_w) - 1/2 * ls(-beta*r_w) - 1/2 * ls(-beta*r_l)``.
+
+    Intuition: classifies each response's absolute reward against noise instead of only the relative margin, so
+    the winner's likelihood is pushed up rather than only the gap (DPO can lower both).
+    Paper: Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"
+    (arXiv 2402.05369), pairwise form as in TRL's ``nca_pair``.
+    """
+    zw, zl = beta * chosen(view.ratio).unsqueeze(1), beta * rejected(view.ratio)
+    return -F.logsigmoid(zw) - 0.5 * F.logsigmoid(-zw) - 0.5 * F.logsigmoid(-zl)
+
+
+@register_loss("apo_zero", checks={"beta": positive()})
+def apo_zero(view: ScoreView, *, beta: float = 0.1) -> Tensor:
+    """Anchored Preference Optimisation, zero variant: ``(1 - s(beta*r_w)) + s(beta*r_l)``.
+
+    Intuition: anchored to the reference, raise the winner's likelihood and lower the loser's independently; use
+    when the winners are better than the model's own outputs.
+    Paper: D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions"
+    (arXiv 2408.06266), Eq. 7.
+    """
+    return (1 - torch.sigmoid(beta * chosen(view.ratio).unsqueeze(1))) + torch.sigmoid(beta * rejected(view.ratio))
+
+
+@register_loss("apo_down", checks={"beta": positive()})
+def apo_down(view: ScoreView, *, beta: float = 0.1) -> Tensor:
+    """Anchored Preference Optimisation, down variant: ``s(beta*r_w) + (1 - s(beta*h))``.
+
+    Intuition: lower the winner's likelihood, and the loser's more; use when even the winners are worse than the
+    model's own outputs.
+    Paper: D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 8.
+    """
+    return torch.sigmoid(beta * chosen(view.ratio).unsqueeze(1)) + (1 - torch.sigmoid(beta * margin(view.ratio)))
+
+
+@register_loss("set", checks={"beta": positive()})
+def set_(view: ScoreView, *, beta: float = 0.1) -> Tensor:
+    """Multi-negative softmax: ``-log( e^{beta r_w} / (e^{beta r_w} + sum_k e^{beta r_lk}) )``, per group ``(B,)``.
+
+    Intuition: one softmax over the whole winner/loser set (the Plackett-Luce top-1 likelihood), so the hardest
+    negatives dominate the gradient; with K = 1 it is exactly DPO. Not a mean over pairs.
+    Paper: Chen et al. 2024, "On Softmax Direct Preference Optimization for Recommendation" (S-DPO,
+    arXiv 2406.09215); Plackett-Luce form in Rafailov et al. 2023 (arXiv 2305.18290, App. A.3).
+    """
+    z = beta * view.ratio
+    return torch.logsumexp(z, dim=1) - chosen(z)
+
+
+# ----- reference-free -------------------------------------------------------------------------------------------
+@register_loss("slic", needs_reference=False, checks={"delta": positive()}, reward="lp", reward_scale=None)
+def slic(view: ScoreView, *, delta: float = 1.0) -> Tensor:
+    """SLiC calibration hinge (reference-free): ``max(0, delta - lp(y_w) + lp(y_l))``.
+
+    Intuition: the winner must out-score each loser by ``delta`` nats; pairs already that far apart are ignored.
+    ``delta = 1/gamma`` of the reference-normalised ``hinge``. Add ``sft`` for SLiC-HF's regulariser.
+    Paper: Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (arXiv 2305.10425).
+    """
+    return F.relu(delta - margin(view.lp))
+
+
+@register_loss("simpo", needs_reference=False, needs_lengths=True, reward="mean_lp",
+               checks={"beta": positive(), "gamma": non_negative()})
+def simpo(view: ScoreView, *, beta: float = 2.0, gamma: float = 0.5) -> Tensor:
+    """Simple Preference Optimisation: ``-ls(beta * (mean_lp(y_w) - mean_lp(y_l)) - gamma)``.
+
+    Intuition: the length-normalised likelihood is itself the implicit reward (matching how generation ranks
+    sequences), and a target margin ``gamma`` separates winners from losers; no reference model needed.
+    Paper: Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+    (arXiv 2405.14734); beta 2.0, gamma 0.5 (gamma/beta = 0.25).
+    """
+    return -F.logsigmoid(beta * margin(view.mean_lp) - gamma)
+
+
+@register_loss("cpo", needs_reference=False, needs_lengths=lambda p: p["nll_form"] == "mean", reward="lp",
+               checks={"beta": positive(), "alpha": non_negative(), "nll_form": one_of("mean", "sum")})
+def cpo(
+    view: ScoreView, *, beta: float = 0.1, alpha: float = 1.0, nll_form: str = "mean"
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Contrastive Preference Optimisation: ``-ls(beta * (lp(y_w) - lp(y_l))) + alpha * NLL(y_w)``.
+
+    Intuition: DPO with a uniform reference (so no reference model) plus a behaviour-cloning term on the winners
+    that keeps the policy on the preferred data. ``NLL`` is the token-mean NLL (``nll_form="mean"``, needs lengths)
+    or the sequence sum (``"sum"``).
+    Paper: Xu et al. 2024, "Contrastive Preference Optimization" (arXiv 2401.08417); beta 0.1, alpha 1.0.
+    """
+    nll = _winner_nll(view, nll_form)
+    return -F.logsigmoid(beta * margin(view.lp)) + alpha * nll, {"cpo/nll": nll.detach().mean()}
+
+
+@register_loss("orpo", needs_reference=False, needs_lengths=True, reward="mean_lp", reward_scale="lam",
+               checks={"lam": non_negative()})
+def orpo(view: ScoreView, *, lam: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
+    """Odds-Ratio Preference Optimisation: ``NLL(y_w) - lam * ls(logodds(y_w) - logodds(y_l))``.
+
+    ``lam`` is the paper's lambda (renamed: ``lambda`` is a Python keyword). ``logodds(y) = m - log(1 - e^m)`` with
+    ``m = mean_lp(y)``, computed with a stable ``log1mexp``; ``NLL`` is the winner's token-mean NLL.
+    Intuition: SFT on the winners plus a penalty that widens the odds ratio of winner over loser, in one stage and
+    without a reference model.
+    Paper: Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"
+    (arXiv 2403.07691); lambda 0.1.
+    """
+    log_odds_ratio = margin(view.log_odds)
+    nll = _winner_nll(view, "mean")
+    metrics = {"orpo/log_odds_ratio": log_odds_ratio.detach().mean(), "orpo/nll": nll.detach().mean()}
+    return nll - lam * F.logsigmoid(log_odds_ratio), metrics
+
+
+@register_loss("asft", needs_reference=False, needs_lengths=True, reward="mean_lp", reward_scale="lam",
+               checks={"lam": non_negative()})
+def asft(view: ScoreView, *, lam: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
+    """Aligned SFT (pointwise absolute likelihood): ``-log P(y_w) - lam * [ls(logodds(y_w)) + ls(-logodds(y_l))]``.
+
+    ``P(y) = exp(mean_lp(y))``, so ``ls(logodds(y)) = log P(y)`` and ``ls(-logodds(y)) = log(1 - P(y))``: each
+    response is classified on its own absolute likelihood (winners towards 1, losers towards 0) rather than
+    against the other. Needs no reference. Grouped data; the K losers are averaged.
+    Paper: Wang et al. 2024, "ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood"
+    (arXiv 2409.10571). Not "Anchored SFT".
+    """
+    nll = _winner_nll(view, "mean")
+    pointwise = F.logsigmoid(chosen(view.log_odds)).unsqueeze(1) + F.logsigmoid(-rejected(view.log_odds))
+    return nll - lam * pointwise, {"asft/nll": nll.detach().mean()}
+
+
+@register_loss("spo", needs_reference=False, reward="lp", reward_scale="alpha", checks={"alpha": positive()})
+def spo(view: ScoreView, *, alpha: float = 1.0) -> Tensor:
+    """Soft Preference Optimisation, preference term: ``-(1/alpha) * ls(alpha * (lp(y_w) - lp(y_l)))``.
+
+    Intuition: a reference-free Bradley-Terry fit whose softmax exponent ``alpha`` controls how deterministic the
+    learned preference is; SPO's regularisation is a separate term, add it as ``{"spo": 1, "kl": {"beta": ...}}``
+    (KL to the reference, estimated on the policy's own samples).
+    Paper: Sharifnassab et al. 2024, "Soft Preference Optimization: Aligning Language Models to Expert
+    Distributions" (arXiv 2405.00747).
+    """
+    return -F.logsigmoid(alpha * margin(view.lp)) / alpha

@@ -1,1 +1,74 @@
-"""Pointwise heads: each response scored on its own (formula sheet, "Pointwise heads")."""
+"""Pointwise heads on unpaired data: each response scored on its own (formula sheet, "Pointwise heads").
+
+Scores are ``(B,)`` with boolean ``labels`` (True = desirable). Rewards are ``beta * r`` per sample. Both heads
+compare the reward with a batch-level shift that is detached and, under ``torch.distributed``, all-reduced so
+every process uses the same value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import in_range, non_negative, optional, positive, register_loss
+from .scores import ScoreView, global_mean
+
+
+@register_loss("kto", data="unpaired", needs_kl=True,
+               checks={"beta": positive(), "lambda_d": non_negative(), "lambda_u": non_negative()})
+def kto(
+    view: ScoreView, *, beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Kahneman-Tversky Optimisation: desirable ``lambda_d * (1 - s(beta*(r - z0)))``,
+    undesirable ``lambda_u * (1 - s(beta*(z0 - r)))``.
+
+    ``z0 = max(0, mean(kl_policy - kl_reference))`` estimates KL(pi || ref) on mismatched (prompt, completion)
+    pairs of the batch (``Scores.kl_policy`` / ``kl_reference``); it is detached and all-reduced across processes.
+    Intuition: a prospect-theory value function with the KL as reference point: desirable outputs gain only by
+    beating it, undesirable ones lose only by exceeding it; ``lambda_d / lambda_u`` trade off imbalanced labels.
+    Paper: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization" (arXiv 2402.01306).
+    """
+    z0 = global_mean(view.kl_gap)[0].clamp_min(0)
+    z = beta * (view.ratio - z0)
+    losses = torch.where(view.labels, lambda_d * (1 - torch.sigmoid(z)), lambda_u * (1 - torch.sigmoid(-z)))
+    return losses, {"kl/z0": z0}
+
+
+@register_loss("bco", data="unpaired", stateful=True,
+               checks={"beta": positive(), "momentum": optional(in_range(0, 1, hi_closed=False))})
+def bco(
+    view: ScoreView, *, beta: float = 0.1, momentum: float | None = None, state: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Binary Classifier Optimisation: desirable ``-ls(beta*r - delta)``, undesirable ``-ls(-(beta*r - delta))``.
+
+    Intuition: a logistic classifier whose logit is the implicit reward; the shift ``delta`` (a moving estimate of
+    the mean reward) centres it so the classifier separates labels rather than drifting with the reward level.
+    ``delta`` lives in ``state`` (saved by ``state_dict``): with ``momentum=None`` it is the running mean of every
+    reward seen in training (count-weighted), otherwise an EMA ``delta <- m*delta + (1-m)*batch_mean``. It is
+    updated, before use, only while grad is enabled (training), from the all-reduced batch mean; evaluation uses the
+    stored value (0 before the first training step).
+    Not implemented: the paper's optional prompt-distribution-matching weights for undesirable rows (a density
+    ratio from a classifier on prompt embeddings, clamped to [0.5, 10]).
+    Paper: Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"
+    (arXiv 2404.04656).
+    """
+    reward = beta * view.ratio
+    if torch.is_grad_enabled():
+        _update_running_mean(state, reward, momentum)
+    delta = state["delta"].to(reward) if "delta" in state else reward.new_zeros(())
+    z = reward - delta
+    return -F.logsigmoid(torch.where(view.labels, z, -z)), {"bco/delta": delta.detach()}
+
+
+def _update_running_mean(state: dict[str, Tensor], values: Tensor, momentum: float | None) -> None:
+    batch_mean, n = global_mean(values)
+    if "delta" not in state:
+        state["delta"], state["count"] = batch_mean, n
+        return
+    delta, count = state["delta"].to(batch_mean), state["count"].to(batch_mean)
+    if momentum is None:
+        delta = delta + (batch_mean - delta) * n / (count + n).clamp_min(1)
+    else:
+        delta = momentum * delta + (1 - momentum) * batch_mean
+    state["delta"], state["count"] = delta, count + n

@@ -16,10 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .scores import ScoreView, Scores, chosen, margin, rejected
+from .scores import ScoreKind, Scores, ScoreView, chosen, margin, rejected
 
-RewardKind = Literal["ratio", "logp", "mean_logp"]
-DataKind = Literal["grouped", "unpaired"]
+DataKind = Literal["grouped", "unpaired", "any"]  # "any": additive terms that accept either layout
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,9 @@ class LossSpec:
     fn: Callable[..., Any]
     data: DataKind = "grouped"
     needs_reference: bool = True
-    needs_lengths: bool | Callable[[dict], bool] = False
-    needs_kl: bool = False
-    reward: RewardKind = "ratio"
+    needs_lengths: bool | Callable[[dict], bool] = False  # a callable decides from the bound parameters
+    needs_kl: bool = False  # needs Scores.kl_policy / kl_reference (so the adapter needs a reference model too)
+    reward: ScoreKind | Callable[[dict], ScoreKind] = "ratio"  # what the reported rewards are made of
     reward_scale: str | None = "beta"  # parameter that scales rewards (beta * r); None means 1
     checks: Mapping[str, tuple[str, Callable[[Any], bool]]] = field(default_factory=dict)
     stateful: bool = False  # fn takes a ``state`` dict kept in checkpoints (e.g. bco's reward shift)
@@ -80,20 +79,39 @@ def _load_builtin_losses() -> None:
     from . import pairwise, pointwise, regularisers  # noqa: F401  (registration side effects)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def in_range(lo: float, hi: float, lo_closed: bool = True, hi_closed: bool = True) -> tuple[str, Callable]:
     """A parameter check for ``checks=``: ``in_range(0, 0.5, hi_closed=False)`` is ``0 <= x < 0.5``."""
     text = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
 
-    def ok(v: float) -> bool:
+    def ok(v: Any) -> bool:
+        if not _is_number(v):
+            return False
         above = v >= lo if lo_closed else v > lo
         below = v <= hi if hi_closed else v < hi
-        return isinstance(v, (int, float)) and above and below
+        return above and below
 
-    return f"in {text}", ok
+    return f"a finite number in {text}", ok
 
 
 def positive() -> tuple[str, Callable]:
     return in_range(0, math.inf, lo_closed=False)
+
+
+def non_negative() -> tuple[str, Callable]:
+    return in_range(0, math.inf)
+
+
+def one_of(*choices: Any) -> tuple[str, Callable]:
+    return f"one of {list(choices)}", lambda v: v in choices
+
+
+def optional(check: tuple[str, Callable]) -> tuple[str, Callable]:
+    text, ok = check
+    return f"None or {text}", lambda v: v is None or ok(v)
 
 
 @dataclass
@@ -142,6 +160,10 @@ class PreferenceLoss:
     def unpaired(self) -> bool:
         return self.spec.data == "unpaired"
 
+    @property
+    def additive(self) -> bool:
+        return self.spec.additive
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"PreferenceLoss({self.name!r}, {args})"
@@ -162,7 +184,7 @@ class PreferenceLoss:
             kwargs["state"] = self.state
         out = self.spec.fn(view, **kwargs)
         losses, extra = out if isinstance(out, tuple) else (out, {})
-        per_sample = losses.mean(dim=1) if losses.dim() == 2 else losses
+        per_sample = losses.mean(dim=1) if losses.dim() == 2 else losses  # K losers: mean over the K pairs
         rewards = self.rewards(view)
         metrics = reward_metrics(view, rewards)
         metrics.update({k: v.detach().float() for k, v in extra.items()})
@@ -171,12 +193,12 @@ class PreferenceLoss:
         return LossOutput(loss=loss, per_sample=per_sample, rewards=rewards.detach(), metrics=metrics)
 
     def rewards(self, view: ScoreView) -> Tensor:
-        kind = self.spec.reward
-        value = {"ratio": lambda: view.ratio, "logp": lambda: view.lp, "mean_logp": lambda: view.mean_lp}[kind]()
-        if kind == "ratio" and view.scores.reference is None:
-            value = view.lp  # additive terms used alone (e.g. a pure SFT phase) report policy scores
-        scale = self.params.get(self.spec.reward_scale, 1.0) if self.spec.reward_scale else 1.0
-        return scale * value.detach()
+        kind = self.spec.reward(self.params) if callable(self.spec.reward) else self.spec.reward
+        if view.scores.reference is None:
+            # additive terms used alone (e.g. a pure SFT phase) report policy scores
+            kind = {"ratio": "lp", "mean_ratio": "mean_lp"}.get(kind, kind)
+        scale = self.params[self.spec.reward_scale] if self.spec.reward_scale else 1.0
+        return scale * view.get(kind).detach()
 
 
 def reward_metrics(view: ScoreView, rewards: Tensor) -> dict[str, Tensor]:
@@ -207,55 +229,77 @@ def reward_metrics(view: ScoreView, rewards: Tensor) -> dict[str, Tensor]:
 
 
 def validate_scores(scores: Scores, loss: PreferenceLoss) -> None:
-    """Shape, dtype and finiteness checks, each error naming the offending argument."""
+    """Layout, shape, range and finiteness checks, each error naming the offending argument."""
     lp = scores.policy
     if not isinstance(lp, Tensor) or not lp.is_floating_point():
-        raise TypeError(f"Scores.policy must be a floating-point tensor, got {type(lp).__name__}")
-    if loss.unpaired:
-        if scores.labels is None:
-            raise ValueError(f"loss {loss.name!r} is unpaired: Scores.labels (B,) is required")
-        if lp.dim() != 1 or scores.labels.shape != lp.shape:
+        raise TypeError(f"Scores.policy must be a floating-point tensor, got {_describe(lp)}")
+    unpaired = scores.labels is not None
+    if loss.spec.data == "unpaired" and not unpaired:
+        raise ValueError(f"loss {loss.name!r} is unpaired: Scores.labels (B,) is required")
+    if loss.spec.data == "grouped" and unpaired:
+        raise ValueError(f"loss {loss.name!r} is grouped (B, 1+K): got unpaired Scores (Scores.labels is set)")
+    if unpaired:
+        labels = scores.labels
+        if lp.dim() != 1 or not isinstance(labels, Tensor) or labels.shape != lp.shape:
             raise ValueError(
-                f"loss {loss.name!r}: Scores.policy must be (B,) and Scores.labels the same shape; "
-                f"got {tuple(lp.shape)} and {tuple(scores.labels.shape)}"
+                f"loss {loss.name!r}: unpaired Scores.policy must be (B,) and Scores.labels the same shape; "
+                f"got {tuple(lp.shape)} and {_describe(labels)}"
             )
-    else:
-        if scores.labels is not None:
-            raise ValueError(f"loss {loss.name!r} is grouped: got unpaired Scores (labels set)")
-        if lp.dim() != 2 or lp.shape[1] < 2:
-            raise ValueError(
-                f"loss {loss.name!r}: Scores.policy must be (B, 1+K) with K >= 1 losers; got {tuple(lp.shape)}"
-            )
+        if labels.is_floating_point() or not ((labels == 0) | (labels == 1)).all():
+            raise ValueError(f"Scores.labels must be bool (or 0/1 integers), got {labels.dtype} {labels.tolist()}")
+    elif lp.dim() != 2 or lp.shape[1] < 2:
+        raise ValueError(
+            f"loss {loss.name!r}: Scores.policy must be (B, 1+K) with K >= 1 losers; got {tuple(lp.shape)}"
+        )
     if loss.needs_reference and scores.reference is None:
         raise ValueError(f"loss {loss.name!r} needs reference scores: Scores.reference is None")
     if loss.needs_lengths and scores.lengths is None:
         raise ValueError(f"loss {loss.name!r} needs completion lengths: Scores.lengths is None")
     if loss.needs_kl and (scores.kl_policy is None or scores.kl_reference is None):
         raise ValueError(f"loss {loss.name!r} needs Scores.kl_policy and Scores.kl_reference")
-    for name in ("policy", "reference", "lengths", "win_prob"):
+    for name in ("reference", "lengths", "win_prob"):
         t = getattr(scores, name)
-        if t is None:
-            continue
-        if t.shape != lp.shape:
-            raise ValueError(f"Scores.{name} has shape {tuple(t.shape)} but Scores.policy has {tuple(lp.shape)}")
+        if t is not None and (not isinstance(t, Tensor) or t.shape != lp.shape):
+            raise ValueError(f"Scores.{name} has shape {_describe(t)} but Scores.policy has {tuple(lp.shape)}")
+    if scores.win_prob is not None and unpaired:
+        raise ValueError("Scores.win_prob is for grouped data only; got it with Scores.labels")
+    kl = [getattr(scores, n) for n in ("kl_policy", "kl_reference")]
+    if any(t is not None for t in kl):
+        if any(not isinstance(t, Tensor) or t.dim() != 1 for t in kl) or kl[0].shape != kl[1].shape:
+            raise ValueError(
+                "Scores.kl_policy and Scores.kl_reference must both be given as (M,) tensors of one shape; "
+                f"got {_describe(kl[0])} and {_describe(kl[1])}"
+            )
     for name in ("policy", "reference", "lengths", "kl_policy", "kl_reference", "win_prob"):
         t = getattr(scores, name)
         if t is not None and not torch.isfinite(t.detach()).all():
             raise ValueError(f"Scores.{name} contains NaN or inf")
+    if scores.lengths is not None and not (scores.lengths > 0).all():
+        raise ValueError("Scores.lengths must be positive token counts")
+    if scores.win_prob is not None and not ((scores.win_prob >= 0) & (scores.win_prob <= 1)).all():
+        raise ValueError("Scores.win_prob must be probabilities in [0, 1]")
+
+
+def _describe(t: Any) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
 class CombinedLoss:
     """A weighted sum of registered losses, e.g. RPO = ``{"dpo": 1.0, "sft": 0.005}``.
 
-    Rewards and reward metrics come from the first (preference) term; every term adds its ``loss/<name>`` metric.
+    Rewards and reward metrics come from the first preference (non-additive) term, or the first term when all are
+    additive; every term adds its ``loss/<name>`` metric and its own extra metrics.
     """
 
     def __init__(self, terms: list[tuple[float, PreferenceLoss]]):
         if not terms:
             raise ValueError("a combined loss needs at least one term")
-        kinds = {t.unpaired for _, t in terms if not t.spec.additive}
+        kinds = {t.unpaired for _, t in terms if not t.additive}
         if len(kinds) > 1:
             raise ValueError("cannot combine paired and unpaired preference losses in one objective")
+        for w, t in terms:
+            if not _is_number(w) or w < 0:
+                raise ValueError(f"loss.{t.name}.weight must be a finite number >= 0, got {w!r}")
         self.terms = terms
 
     @property
@@ -279,10 +323,12 @@ class CombinedLoss:
 
     def __call__(self, scores: Scores) -> LossOutput:
         outs = [(w, t(scores)) for w, t in self.terms]
-        first = outs[0][1]
+        lead = next((i for i, (_, t) in enumerate(self.terms) if not t.additive), 0)
+        first = outs[lead][1]
         metrics = dict(first.metrics)
-        for _, o in outs[1:]:
-            metrics.update({k: v for k, v in o.metrics.items() if k.startswith("loss/") or k not in metrics})
+        for i, (_, o) in enumerate(outs):
+            if i != lead:
+                metrics.update({k: v for k, v in o.metrics.items() if k.startswith("loss/") or k not in metrics})
         loss = sum(w * o.loss for w, o in outs)
         per_sample = sum(w * o.per_sample for w, o in outs)
         metrics["loss"] = loss.detach().float()
@@ -313,8 +359,10 @@ def build_loss(spec: str | Mapping[str, Any]) -> CombinedLoss:
             weight, params = value, {}
         else:
             raise TypeError(f"loss.{name}: expected a weight or a mapping of parameters, got {value!r}")
+        if not _is_number(weight) or weight < 0:
+            raise ValueError(f"loss.{name}.weight must be a finite number >= 0, got {weight!r}")
         try:
             terms.append((float(weight), get_loss(name, **params)))
         except (KeyError, TypeError, ValueError) as e:
-            raise type(e)(f"loss.{name}: {e}") from None
+            raise type(e)(f"loss.{name}: {e.args[0] if e.args else e}") from None
     return CombinedLoss(terms)

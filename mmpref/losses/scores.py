@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import cached_property
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+ScoreKind = Literal["lp", "mean_lp", "ratio", "mean_ratio"]
 
 
 @dataclass
@@ -92,6 +96,29 @@ class ScoreView:
     def labels(self) -> Tensor:
         return self.scores.labels.bool()
 
+    @cached_property
+    def batch_size(self) -> int:
+        return self.scores.policy.shape[0]
+
+    @cached_property
+    def win_prob(self) -> Tensor:
+        """SPPO's ``P`` per response; hard labels (winner 1, losers 0) when ``Scores.win_prob`` is None."""
+        if self.scores.win_prob is not None:
+            return self._cast(self.scores.win_prob, detach=True)
+        hard = torch.zeros_like(self.lp, requires_grad=False)
+        hard[:, 0] = 1.0
+        return hard
+
+    @cached_property
+    def kl_lp(self) -> Tensor:
+        """Policy scores of the KL samples ``(M,)``; differentiable (the ``kl`` regulariser trains through them)."""
+        return self._cast(self.scores.kl_policy)
+
+    @cached_property
+    def kl_gap(self) -> Tensor:
+        """``log pi(y) - log ref(y)`` on the KL samples ``(M,)``; only the policy part carries gradients."""
+        return self.kl_lp - self._cast(self.scores.kl_reference, detach=True)
+
     # ----- derived quantities -------------------------------------------------------------------------------------
     @cached_property
     def ratio(self) -> Tensor:
@@ -118,6 +145,15 @@ class ScoreView:
         """Token-mean NLL of the winners, ``(B,)``."""
         return -chosen(self.mean_lp)
 
+    def get(self, kind: ScoreKind) -> Tensor:
+        """One of the per-response scores by name: ``lp``, ``mean_lp``, ``ratio`` or ``mean_ratio``.
+
+        Lets options such as ``form="mean" | "sum"`` pick a score without a branch per loss.
+        """
+        if kind not in ("lp", "mean_lp", "ratio", "mean_ratio"):
+            raise ValueError(f"unknown score kind {kind!r}")
+        return getattr(self, kind)
+
 
 def chosen(x: Tensor) -> Tensor:
     """Winner column ``(B,)`` of a grouped ``(B, 1+K)`` tensor."""
@@ -132,6 +168,19 @@ def rejected(x: Tensor) -> Tensor:
 def margin(x: Tensor) -> Tensor:
     """Winner minus each loser, ``(B, K)``: ``h`` when ``x`` holds log-ratios."""
     return x[:, :1] - x[:, 1:]
+
+
+def global_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Detached mean of ``x`` over every process, and the global element count.
+
+    Sum and count are all-reduced (not the per-process means), so uneven shards are weighted correctly. Without an
+    initialised process group this is the local mean. An empty ``x`` gives mean 0.
+    """
+    x = x.detach()
+    total = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return total[0] / total[1].clamp_min(1), total[1]
 
 
 def log1mexp(x: Tensor) -> Tensor:
