@@ -187,9 +187,9 @@ class PreferenceLoss:
         per_sample = losses.mean(dim=1) if losses.dim() == 2 else losses  # K losers: mean over the K pairs
         rewards = self.rewards(view)
         metrics = reward_metrics(view, rewards)
-        metrics.update({k: v.detach().float() for k, v in extra.items()})
+        metrics.update({k: v.detach() for k, v in extra.items()})
         loss = per_sample.mean()
-        metrics[f"loss/{self.name}"] = loss.detach().float()
+        metrics[f"loss/{self.name}"] = loss.detach()
         return LossOutput(loss=loss, per_sample=per_sample, rewards=rewards.detach(), metrics=metrics)
 
     def rewards(self, view: ScoreView) -> Tensor:
@@ -331,7 +331,7 @@ class CombinedLoss:
                 metrics.update({k: v for k, v in o.metrics.items() if k.startswith("loss/") or k not in metrics})
         loss = sum(w * o.loss for w, o in outs)
         per_sample = sum(w * o.per_sample for w, o in outs)
-        metrics["loss"] = loss.detach().float()
+        metrics["loss"] = loss.detach()
         return LossOutput(loss=loss, per_sample=per_sample, rewards=first.rewards, metrics=metrics)
 
 

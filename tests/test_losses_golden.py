@@ -1,0 +1,152 @@
+"""Golden values, float64, for every registered loss.
+
+Expected numbers are worked out by hand with ``math`` on the explicit inputs below, never by calling the code under
+test. Shared inputs (one group, K = 1)::
+
+    lp = [-1, -4]   lr = [-1.5, -3]   n = [2, 4]
+    r  = [0.5, -1]  h = 1.5           mean_lp = [-0.5, -1]   mean_ratio = [0.25, -0.25]  (h' = 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmpref.losses import Scores, available_losses, build_loss, get_loss
+
+
+def ls(x: float) -> float:
+    """log sigma(x) for moderate x."""
+    return -math.log1p(math.exp(-x))
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def logodds(m: float) -> float:
+    return m - math.log(1 - math.exp(m))
+
+
+def pair(**extra) -> Scores:
+    t = lambda *v: torch.tensor([list(v)], dtype=torch.float64)  # noqa: E731
+    return Scores(policy=t(-1.0, -4.0), reference=t(-1.5, -3.0), lengths=t(2.0, 4.0), **extra)
+
+
+GOLDEN = {
+    # name, params -> expected loss on `pair()`
+    ("dpo", ()): -ls(0.15),
+    ("cdpo", (("e", 0.2),)): -0.8 * ls(0.15) - 0.2 * ls(-0.15),
+    ("rdpo", (("e", 0.2),)): (-0.8 * ls(0.15) + 0.2 * ls(-0.15)) / 0.6,
+    ("exo", (("e", 0.01),)): sig(0.15) * (ls(0.15) - math.log(0.99)) + sig(-0.15) * (ls(-0.15) - math.log(0.01)),
+    ("ipo", (("tau", 0.25),)): (0.5 - 2.0) ** 2,
+    ("ipo", (("tau", 0.25), ("form", "sum"))): (1.5 - 2.0) ** 2,
+    ("hinge", (("gamma", 0.5),)): 1 - 0.75,
+    ("hinge", (("gamma", 1.0),)): 0.0,
+    ("slic", (("delta", 4.0),)): 4.0 - (-1.0) + (-4.0),
+    ("sppo", (("beta", 0.5),)): (0.5 - 2 * 0.5) ** 2 + (-1.0 - 2 * (-0.5)) ** 2,
+    ("simpo", ()): -ls(2.0 * (-0.5 + 1.0) - 0.5),
+    ("cpo", ()): -ls(0.1 * 3.0) + 1.0 * 0.5,
+    ("cpo", (("alpha", 2.0), ("nll_form", "sum"))): -ls(0.1 * 3.0) + 2.0 * 1.0,
+    ("orpo", (("lam", 0.5),)): 0.5 - 0.5 * ls(logodds(-0.5) - logodds(-1.0)),
+    ("asft", (("lam", 0.5),)): 0.5 - 0.5 * (ls(logodds(-0.5)) + ls(-logodds(-1.0))),
+    ("spo", (("alpha", 0.5),)): -(1 / 0.5) * ls(0.5 * 3.0),
+    ("nca", ()): -ls(0.05) - 0.5 * ls(-0.05) - 0.5 * ls(0.1),
+    ("apo_zero", ()): (1 - sig(0.05)) + sig(-0.1),
+    ("apo_down", ()): sig(0.05) + (1 - sig(0.15)),
+    ("set", ()): -ls(0.15),  # K = 1: the softmax over {winner, loser} is DPO
+    ("sft", (("eta", 0.5), ("beta", 0.2))): 0.5 * 0.2 * 1.0,
+    ("sft", (("eta", 0.5), ("form", "mean"))): 0.5 * 0.5,
+}
+
+
+@pytest.mark.parametrize("key", list(GOLDEN), ids=lambda k: f"{k[0]}{dict(k[1]) or ''}")
+def test_golden_pairwise(key):
+    name, params = key
+    out = get_loss(name, **dict(params))(pair())
+    assert out.loss.dtype == torch.float64
+    assert out.loss.item() == pytest.approx(GOLDEN[key], rel=1e-12, abs=1e-12)
+
+
+def test_every_loss_has_a_golden_value():
+    covered = {name for name, _ in GOLDEN} | {"kto", "bco", "kl"}
+    assert covered == set(available_losses())
+
+
+def test_sppo_soft_win_probabilities():
+    p = torch.tensor([[0.7, 0.4]], dtype=torch.float64)
+    out = get_loss("sppo", beta=0.5)(pair(win_prob=p))
+    assert out.loss.item() == pytest.approx((0.5 - 2 * 0.2) ** 2 + (-1.0 - 2 * (-0.1)) ** 2, rel=1e-12)
+
+
+def test_set_with_two_losers():
+    # r = [0.5, -1, 0.5], beta 0.1
+    s = Scores(policy=torch.tensor([[-1.0, -4.0, -2.0]], dtype=torch.float64),
+               reference=torch.tensor([[-1.5, -3.0, -2.5]], dtype=torch.float64))
+    expected = -math.log(math.exp(0.05) / (math.exp(0.05) + math.exp(-0.1) + math.exp(0.05)))
+    assert get_loss("set")(s).loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def unpaired(lp, lr, labels, kl_p=None, kl_r=None) -> Scores:
+    t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return Scores(policy=t(lp), reference=t(lr), labels=torch.tensor(labels), kl_policy=t(kl_p), kl_reference=t(kl_r))
+
+
+def test_kto_golden():
+    # r = [0.5, -1]; kl gaps [0.5, -0.1] -> z0 = 0.2
+    s = unpaired([-1.0, -4.0], [-1.5, -3.0], [True, False], [-2.0, -3.0], [-2.5, -2.9])
+    out = get_loss("kto", beta=0.1, lambda_d=1.0, lambda_u=2.0)(s)
+    expected = ((1 - sig(0.1 * (0.5 - 0.2))) + 2.0 * (1 - sig(0.1 * (0.2 + 1.0)))) / 2
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    assert out.metrics["kl/z0"].item() == pytest.approx(0.2, rel=1e-12)
+    assert out.rewards.tolist() == pytest.approx([0.05, -0.1], rel=1e-12)
+
+
+def test_kto_z0_clamped_at_zero():
+    s = unpaired([-1.0, -4.0], [-1.5, -3.0], [True, False], [-3.0, -3.0], [-2.5, -2.9])  # mean gap -0.3
+    out = get_loss("kto", beta=0.1)(s)
+    assert out.metrics["kl/z0"].item() == 0.0
+    assert out.loss.item() == pytest.approx(((1 - sig(0.05)) + (1 - sig(0.1))) / 2, rel=1e-12)
+
+
+def test_bco_golden_and_running_mean():
+    loss = get_loss("bco", beta=0.1)
+    # batch 1: rewards [0.05, -0.1] -> delta = -0.025 (first batch initialises the estimate)
+    out = loss(unpaired([-1.0, -4.0], [-1.5, -3.0], [True, False]))
+    assert out.metrics["bco/delta"].item() == pytest.approx(-0.025, rel=1e-12)
+    assert out.loss.item() == pytest.approx((-ls(0.05 + 0.025) - ls(-(-0.1 + 0.025))) / 2, rel=1e-12)
+    # batch 2: rewards [0.1, 0.0], mean 0.05 -> running mean over 4 rewards = (-0.05 + 0.1) / 4 = 0.0125
+    out = loss(unpaired([-1.0, -1.0], [-2.0, -1.0], [False, True]))
+    assert out.metrics["bco/delta"].item() == pytest.approx(0.0125, rel=1e-12)
+    assert out.loss.item() == pytest.approx((-ls(-(0.1 - 0.0125)) - ls(0.0 - 0.0125)) / 2, rel=1e-12)
+
+
+def test_bco_ema():
+    loss = get_loss("bco", beta=0.1, momentum=0.9)
+    loss(unpaired([-1.0, -4.0], [-1.5, -3.0], [True, False]))  # delta -0.025
+    out = loss(unpaired([-1.0, -1.0], [-2.0, -1.0], [False, True]))  # batch mean 0.05
+    assert out.metrics["bco/delta"].item() == pytest.approx(0.9 * -0.025 + 0.1 * 0.05, rel=1e-12)
+
+
+def test_sft_unpaired_uses_desirable_rows():
+    s = unpaired([-1.0, -4.0, -3.0], None, [True, False, True])
+    assert get_loss("sft")(s).loss.item() == pytest.approx((1.0 + 3.0) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("grad, expected", [("score", [0.1 * 0.5 * 1.5, 0.1 * 0.5 * 0.9]), ("direct", [0.05, 0.05])])
+def test_kl_regulariser_value_and_gradient(grad, expected):
+    kl_p = torch.tensor([-2.0, -3.0], dtype=torch.float64, requires_grad=True)
+    s = Scores(policy=torch.zeros(2, 2, dtype=torch.float64), kl_policy=kl_p,
+               kl_reference=torch.tensor([-2.5, -2.9], dtype=torch.float64))
+    out = get_loss("kl", beta=0.1, grad=grad)(s)
+    assert out.loss.item() == pytest.approx(0.1 * (0.5 - 0.1) / 2, rel=1e-12)
+    out.loss.backward()
+    # score-function gradient: beta/M * (1 + gap_i); direct: beta/M
+    assert kl_p.grad.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_rpo_combination_golden():
+    out = build_loss({"dpo": 1.0, "sft": 0.005})(pair())
+    assert out.loss.item() == pytest.approx(-ls(0.15) + 0.005 * 1.0, rel=1e-12)
