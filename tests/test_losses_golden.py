@@ -150,3 +150,11 @@ def test_kl_regulariser_value_and_gradient(grad, expected):
 def test_rpo_combination_golden():
     out = build_loss({"dpo": 1.0, "sft": 0.005})(pair())
     assert out.loss.item() == pytest.approx(-ls(0.15) + 0.005 * 1.0, rel=1e-12)
+
+
+def test_docs_table_has_one_row_per_loss():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
+    rows = [line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")]
+    assert sorted(rows) == available_losses()
