@@ -349,3 +349,12 @@ def test_bad_scores_raise_naming_the_argument(name, scores, words):
         get_loss(name)(scores)
     for w in words:
         assert w in str(info.value)
+
+
+def test_registration_rejects_checks_on_unknown_parameters():
+    from mmpref.losses import register_loss
+    from mmpref.losses.registry import positive
+
+    with pytest.raises(ValueError, match="unknown parameter"):
+        register_loss("_typo_loss", checks={"betta": positive()})(lambda view, *, beta=0.1: view.ratio)
+    assert "_typo_loss" not in available_losses()

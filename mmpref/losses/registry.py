@@ -56,7 +56,13 @@ def register_loss(name: str, **spec: Any) -> Callable[[Callable], Callable]:
     def wrap(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} is registered twice")
-        _REGISTRY[name] = LossSpec(name=name, fn=fn, **spec)
+        entry = LossSpec(name=name, fn=fn, **spec)
+        # catch registration typos at import time rather than at the first call
+        named = set(entry.checks) | ({entry.reward_scale} - {None})
+        unknown = sorted(named - set(entry.defaults))
+        if unknown:
+            raise ValueError(f"loss {name!r}: checks/reward_scale name unknown parameter(s) {unknown}")
+        _REGISTRY[name] = entry
         return fn
 
     return wrap
