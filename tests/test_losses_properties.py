@@ -358,3 +358,13 @@ def test_registration_rejects_checks_on_unknown_parameters():
     with pytest.raises(ValueError, match="unknown parameter"):
         register_loss("_typo_loss", checks={"betta": positive()})(lambda view, *, beta=0.1: view.ratio)
     assert "_typo_loss" not in available_losses()
+
+
+def test_sft_accepts_winner_only_groups_and_preference_losses_do_not():
+    """An SFT phase (e.g. pretraining or Tango 2's SFT epoch) may feed winners only: shape (B, 1)."""
+    lp = torch.tensor([[-2.0], [-4.0]], dtype=torch.float64)
+    out = get_loss("sft")(Scores(policy=lp))
+    assert out.loss.item() == pytest.approx(3.0)
+    assert "rewards/accuracies" not in out.metrics
+    with pytest.raises(ValueError, match="K >= 1"):
+        get_loss("dpo")(Scores(policy=lp, reference=lp))

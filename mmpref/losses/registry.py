@@ -211,6 +211,8 @@ def reward_metrics(view: ScoreView, rewards: Tensor) -> dict[str, Tensor]:
     """rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (ties 1/2) and logps."""
     s = view.scores
     lp = view.lp.detach()
+    if s.grouped and rewards.shape[1] == 1:  # winners only (an SFT phase): nothing to compare
+        return {"rewards/chosen": chosen(rewards).mean(), "logps/chosen": chosen(lp).mean()}
     if s.grouped:
         pair = margin(rewards)
         return {
@@ -253,9 +255,10 @@ def validate_scores(scores: Scores, loss: PreferenceLoss) -> None:
             )
         if labels.is_floating_point() or not ((labels == 0) | (labels == 1)).all():
             raise ValueError(f"Scores.labels must be bool (or 0/1 integers), got {labels.dtype} {labels.tolist()}")
-    elif lp.dim() != 2 or lp.shape[1] < 2:
+    elif lp.dim() != 2 or lp.shape[1] < (1 if loss.spec.additive else 2):
+        losers = "K >= 0" if loss.spec.additive else "K >= 1"
         raise ValueError(
-            f"loss {loss.name!r}: Scores.policy must be (B, 1+K) with K >= 1 losers; got {tuple(lp.shape)}"
+            f"loss {loss.name!r}: Scores.policy must be (B, 1+K) with {losers} losers; got {tuple(lp.shape)}"
         )
     if loss.needs_reference and scores.reference is None:
         raise ValueError(f"loss {loss.name!r} needs reference scores: Scores.reference is None")
