@@ -1,0 +1,370 @@
+"""The causal-LM adapter: summed completion log-probs per sequence for any transformers causal LM.
+
+Design points:
+- One forward pass per batch for the policy: a group's winner and its K losers (and KTO's mismatched KL rows) are
+  rows of one right-padded batch of ``B * (1+K)`` sequences.
+- Log-probs never materialise ``log_softmax`` over (rows, positions, vocab): the label logit is gathered and a
+  float32 logsumexp is subtracted, chunk by chunk over positions. Only positions from the shortest prompt onward
+  get logits (``logits_to_keep``); for half-precision models each chunk's float32 upcast is recomputed in backward
+  (activation checkpointing) instead of being kept for the whole sequence.
+- Reference scores come from a frozen copy, the LoRA-disabled policy, a disk cache filled in ``setup``, or
+  nowhere, per ``cfg.reference.mode``; no reference model is loaded when no phase of the run needs one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mmpref.config import TrainConfig
+from mmpref.data.llm import LLMDataConfig, load_llm_data
+from mmpref.losses import Scores, build_loss
+
+from .base import Adapter, LossRequirements
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class LLMModelConfig:
+    """The ``model:`` section of an LLM run."""
+
+    path: str = ""  # a local directory saved with save_pretrained (or a hub id, if you allow downloads)
+    tokenizer: str | None = None  # None: the model's own
+    torch_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    logprob_chunk_size: int = 256  # positions per chunk of the log-prob reduction
+    kl_max_new_tokens: int = 64  # length of the policy samples scored by the ``kl`` regulariser
+    trust_remote_code: bool = False
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / accelerate wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for reference passes; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ----- batching and log-probs --------------------------------------------------------------------------------------
+def pad_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """(prompt, completion) id lists -> right-padded ``input_ids``, ``attention_mask``, ``completion_mask``."""
+    length = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(pairs), length), dtype=torch.long)
+    comp = torch.zeros((len(pairs), length), dtype=torch.bool)
+    for i, (p, c) in enumerate(pairs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        attn[i, :n] = 1
+        comp[i, len(p) : n] = True
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+
+
+def _token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(label) in float32 for one chunk: gathered logit minus logsumexp (no log_softmax tensor)."""
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+    """Summed float32 log-probs of ``labels`` where ``mask``; ``logits[:, t]`` predicts ``labels[:, t]``."""
+    total = logits.new_zeros(logits.shape[0], dtype=torch.float32)
+    recompute = logits.requires_grad and logits.dtype != torch.float32
+    for s in range(0, logits.shape[1], chunk_size):
+        lg, lab, m = logits[:, s : s + chunk_size], labels[:, s : s + chunk_size], mask[:, s : s + chunk_size]
+        if not m.any():
+            continue
+        lab = lab.masked_fill(~m, 0)
+        # half-precision logits: recompute the float32 upcast in backward rather than keep it for every chunk
+        lp = checkpoint(_token_logps, lg, lab, use_reentrant=False) if recompute else _token_logps(lg, lab)
+        total = total + (lp * m).sum(-1)
+    return total
+
+
+# ----- the adapter --------------------------------------------------------------------------------------------------
+class LLMAdapter(Adapter):
+    """Causal LMs (any ``AutoModelForCausalLM``), optionally with LoRA (peft)."""
+
+    name = "llm"
+    model_config_class = LLMModelConfig
+    data_config_class = LLMDataConfig
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.mcfg: LLMModelConfig = cfg.model
+        objectives = [build_loss(s) for s in ([p.loss for p in cfg.phases] or [cfg.loss]) if s is not None]
+        self.unpaired = any(o.unpaired for o in objectives)
+        self.needs_kl = any(o.needs_kl for o in objectives)
+        self.needs_reference = any(o.needs_reference or o.needs_kl for o in objectives)
+        self.ref_mode = self._check_reference_mode(cfg, self.needs_reference)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.mcfg.tokenizer or self.mcfg.path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.policy = self._load_policy()
+        self.reference = (
+            self._load_model(self.cfg.reference.path, self.cfg.reference.dtype, frozen=True)
+            if (self.ref_mode == "copy")
+            else None
+        )
+        self._train, self._eval = load_llm_data(
+            cfg.data, self.tokenizer, seed=cfg.train.seed, unpaired=self.unpaired, with_kl=self.needs_kl
+        )
+        if "completion_ids" in self._train.column_names and "label" in self._train.column_names and not self.unpaired:
+            raise ValueError("data: unpaired rows (prompt, completion, label) need an unpaired loss such as kto or bco")
+        self._last: dict[str, float] = {}
+
+    # ----- construction -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_reference_mode(cfg: TrainConfig, needed: bool) -> str:
+        mode = cfg.reference.mode
+        if mode not in ("copy", "lora", "cached", "none"):
+            raise ValueError(f"reference.mode must be copy, lora, cached or none; got {mode!r}")
+        if not needed:
+            return "none"  # reference-free run: load nothing whatever the mode says
+        if mode == "none":
+            raise ValueError("reference.mode=none, but the loss needs a reference model (or KL samples)")
+        if mode == "lora" and not cfg.lora.enabled:
+            raise ValueError("reference.mode=lora needs lora.enabled=true (the reference is the adapter-free policy)")
+        if mode == "lora" and (cfg.reference.path or cfg.reference.dtype):
+            raise ValueError("reference.mode=lora shares the policy's weights: reference.path/dtype must be unset")
+        return mode
+
+    def _load_model(self, path: str | None, dtype: str | None, frozen: bool) -> nn.Module:
+        dtype = dtype or self.mcfg.torch_dtype
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
+        model = AutoModelForCausalLM.from_pretrained(
+            path or self.mcfg.path,
+            dtype=_DTYPES[dtype],
+            attn_implementation=self.mcfg.attn_implementation,
+            trust_remote_code=self.mcfg.trust_remote_code,
+        )
+        if frozen:
+            model.eval().requires_grad_(False)
+        return model
+
+    def _load_policy(self) -> nn.Module:
+        model = self._load_model(None, None, frozen=False)
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if self.mcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        lc = self.cfg.lora
+        if not lc.enabled:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        peft_cfg = LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=lc.target_modules or "all-linear",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_cfg)
+
+    # ----- datasets and batches -----------------------------------------------------------------------------------
+    @property
+    def train_dataset(self) -> Any:
+        return self._train
+
+    @property
+    def eval_dataset(self) -> Any | None:
+        return self._eval
+
+    def collate(self, rows: list[dict]) -> dict:
+        """Rows -> one right-padded batch: all 1+K completions of each group (row-major), then KL rows."""
+        pairs = [(r["prompt_ids"], c) for r in rows for c in r["completion_ids"]]
+        if self.unpaired and self.needs_kl:
+            pairs += [(r["prompt_ids"], r["kl_completion_ids"]) for r in rows]
+        batch = pad_sequences(pairs, self.tokenizer.pad_token_id)
+        batch["idx"] = torch.tensor([r["idx"] for r in rows])
+        if self.unpaired:
+            batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows])
+        if "ref" in rows[0]:  # cached reference scores, in the same row order
+            refs = [x for r in rows for x in r["ref"]] + [r["kl_ref"] for r in rows if "kl_ref" in r]
+            batch["ref"] = torch.tensor(refs, dtype=torch.float32)
+        return batch
+
+    # ----- scores -------------------------------------------------------------------------------------------------
+    def forward_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(summed completion log-probs, completion lengths), one float32 value per row of ``batch``."""
+        ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        first = int(comp.float().argmax(-1).min())  # earliest completion token over the batch
+        keep = ids.shape[1] - first + 1
+        kwargs = {"logits_to_keep": keep} if self._keep_logits else {}
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **kwargs).logits
+        logits = logits[:, -keep:-1]  # positions first-1 .. L-2 predict tokens first .. L-1
+        logps = sequence_logps(logits, ids[:, first:], comp[:, first:], self.mcfg.logprob_chunk_size)
+        return logps, comp.sum(-1)
+
+    def reference_logps(self, policy: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Reference log-probs per row, without gradients."""
+        if self.ref_mode == "cached":
+            return batch["ref"]
+        model = self.reference if self.ref_mode == "copy" else policy
+        adapter_off = unwrap(policy).disable_adapter() if self.ref_mode == "lora" else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off, eval_mode(model):
+            return self.forward_logps(model, batch)[0]
+
+    def scores(self, policy: nn.Module, batch: dict, loss: LossRequirements) -> Scores:
+        b = batch["idx"].shape[0]
+        kl_rows = self.unpaired and self.needs_kl
+        need_ref = loss.needs_reference or (loss.needs_kl and kl_rows)
+        ref = self.reference_logps(policy, batch) if need_ref else None  # before the policy pass: lower peak
+        logps, lengths = self.forward_logps(policy, batch)
+        out = Scores(policy=logps, reference=ref, lengths=lengths)
+        if self.unpaired:
+            out.labels = batch["desirable"]
+            if kl_rows and loss.needs_kl:
+                out.kl_policy, out.kl_reference = logps[b:], ref[b:]
+            out.policy, out.lengths = logps[:b], lengths[:b]
+            out.reference = ref[:b] if loss.needs_reference else None
+        else:
+            out = Scores(**{k: None if v is None else v.view(b, -1) for k, v in vars(out).items()})
+            if loss.needs_kl:
+                out.kl_policy, out.kl_reference = self.sampled_kl_scores(policy, batch)
+        self._last = {"tokens/completion": float(lengths.float().mean()), "tokens/rows": float(len(lengths))}
+        return out
+
+    def sampled_kl_scores(self, policy: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Policy and reference log-probs of one fresh policy sample per prompt (the ``kl`` regulariser)."""
+        b = batch["idx"].shape[0]
+        group = batch["input_ids"].shape[0] // b
+        winners = {k: batch[k][::group] for k in ("input_ids", "completion_mask")}
+        prompts = [
+            ids[: int(m.float().argmax())].tolist() for ids, m in zip(winners["input_ids"], winners["completion_mask"])
+        ]
+        samples = self._sample(policy, prompts)
+        kl_batch = {
+            k: v.to(batch["input_ids"].device)
+            for k, v in pad_sequences(list(zip(prompts, samples)), self.tokenizer.pad_token_id).items()
+        }
+        ref = self.reference_logps(policy, kl_batch)
+        return self.forward_logps(policy, kl_batch)[0], ref
+
+    @torch.no_grad()
+    def _sample(self, policy: nn.Module, prompts: list[list[int]]) -> list[list[int]]:
+        """One sampled completion per prompt (left-padded batch generation), cut after EOS."""
+        model, tok = unwrap(policy), self.tokenizer
+        width = max(map(len, prompts))
+        device = next(model.parameters()).device
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with eval_mode(model):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                use_cache=True,
+                max_new_tokens=self.mcfg.kl_max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
+        samples = []
+        for row in out[:, width:].tolist():
+            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            samples.append(row[: max(cut, 1)])
+        return samples
+
+    def step_metrics(self) -> dict[str, float]:
+        return dict(self._last)
+
+    # ----- setup: device placement and the reference cache --------------------------------------------------------
+    def setup(self, accelerator: Any, loss: LossRequirements) -> None:
+        if self.reference is not None:
+            self.reference.to(accelerator.device)
+        if self.ref_mode == "cached":
+            if self.needs_kl and not self.unpaired:
+                raise ValueError("reference.mode=cached cannot score on-policy KL samples; use copy or lora")
+            self._train = self._attach_cache(accelerator, self._train, "train")
+            if self._eval is not None:
+                self._eval = self._attach_cache(accelerator, self._eval, "eval")
+
+    def _attach_cache(self, accelerator: Any, ds: Any, split: str) -> Any:
+        """Add ``ref`` (and ``kl_ref``) columns of reference log-probs, computed once and stored on disk."""
+        model = self.policy if not (self.cfg.reference.path or self.cfg.reference.dtype) else None
+        model = model or self._load_model(self.cfg.reference.path, self.cfg.reference.dtype, frozen=True)
+        cache_dir = self.cfg.reference.cache_dir or os.path.join(self.cfg.train.output_dir, "reference_cache")
+        path = os.path.join(cache_dir, f"{split}-{self.cache_fingerprint(ds, model)}.safetensors")
+        with accelerator.main_process_first():
+            if not os.path.exists(path):
+                if accelerator.is_main_process:
+                    logger.info("computing reference log-probs for %d %s rows -> %s", len(ds), split, path)
+                    os.makedirs(cache_dir, exist_ok=True)
+                    save_file(self._reference_pass(model, ds, accelerator.device), path + ".tmp")
+                    os.replace(path + ".tmp", path)  # atomic: a killed run never leaves a half cache
+            else:
+                logger.info("reusing cached reference log-probs %s", path)
+            cache = load_file(path)
+        ds = ds.add_column("ref", cache["ref"].tolist())
+        return ds.add_column("kl_ref", cache["kl_ref"].tolist()) if "kl_ref" in cache else ds
+
+    @torch.no_grad()
+    def _reference_pass(self, model: nn.Module, ds: Any, device: torch.device) -> dict[str, Tensor]:
+        base = unwrap(model)
+        was = next(base.parameters()).device
+        base.to(device)
+        adapter_off = base.disable_adapter() if hasattr(base, "disable_adapter") else contextlib.nullcontext()
+        refs, kls = [], []
+        bs = self.cfg.train.batch_size
+        with adapter_off, eval_mode(base):
+            for s in range(0, len(ds), bs):
+                rows = [ds[i] for i in range(s, min(s + bs, len(ds)))]
+                batch = {k: v.to(device) for k, v in self.collate(rows).items()}
+                lp = self.forward_logps(base, batch)[0].float().cpu()
+                n = len(rows) * (1 if self.unpaired else len(rows[0]["completion_ids"]))
+                refs.append(lp[:n].view(len(rows), -1))
+                kls.append(lp[n:])
+        base.to(was)
+        out = {"ref": torch.cat(refs).contiguous()}
+        if self.unpaired and self.needs_kl:
+            out["kl_ref"] = torch.cat(kls).contiguous()
+        return out
+
+    def cache_fingerprint(self, ds: Any, model: nn.Module) -> str:
+        """Hash of the tokenised rows, the reference weights (LoRA weights excluded) and tokenisation settings."""
+        h = hashlib.blake2b(digest_size=16)
+        d = self.cfg.data
+        settings = [d.max_length, d.max_prompt_length, self.unpaired, self.needs_kl, type(unwrap(model)).__name__]
+        h.update(json.dumps(settings).encode())
+        cols = [c for c in ("prompt_ids", "completion_ids", "kl_completion_ids") if c in ds.column_names]
+        for chunk in ds.select_columns(cols).iter(batch_size=4096):
+            h.update(json.dumps(chunk).encode())
+        for name, t in sorted(unwrap(model).state_dict().items()):
+            if "lora_" not in name:
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    # ----- saving -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, policy: nn.Module, path: str) -> None:
+        """safetensors weights (the LoRA adapter alone when LoRA is on) and the tokenizer."""
+        unwrap(policy).save_pretrained(path)
+        self.tokenizer.save_pretrained(path)

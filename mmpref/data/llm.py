@@ -1,0 +1,308 @@
+"""Text preference data: load with ``datasets``, validate, render chat templates and tokenise.
+
+Accepted layouts (``schema: auto`` detects them from the columns):
+
+- ``pairs``: ``prompt``, ``chosen``, ``rejected`` strings.
+- ``sets``: ``prompt``, ``chosen`` and ``rejected`` as a list of K strings (the same K on every row).
+- ``unpaired``: ``prompt``, ``completion``, ``label`` (bool or 0/1; True = desirable), for kto/bco.
+- ``conversational``: any of the above where the prompt is a list of ``{role, content}`` messages and the
+  completions are messages (or strings); rendered with the tokenizer's chat template.
+
+Prepared rows hold token ids only: ``idx`` (row position, used by the reference cache), ``row`` (row number in
+the source split, for error messages), ``prompt_ids``, ``completion_ids`` (a list of 1+K sequences, winner first;
+one sequence for unpaired data), plus ``label`` and ``kl_completion_ids`` (a completion of another prompt, KTO's
+mismatched pair) for unpaired data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SCHEMAS = ("auto", "pairs", "sets", "unpaired", "conversational")
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_SHOW = 5  # offending row numbers quoted per issue
+
+
+@dataclass
+class LLMDataConfig:
+    """The ``data:`` section of an LLM run."""
+
+    path: str = ""  # a JSON/JSONL/Parquet/CSV file, a directory of them, or a hub dataset id
+    format: str = "auto"  # auto (from the file extension) | json | jsonl | parquet | csv
+    split: str = "train"
+    schema: str = "auto"  # auto | pairs | sets | unpaired | conversational
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    completion_column: str = "completion"
+    label_column: str = "label"
+    max_length: int = 1024  # prompt + completion tokens; completion tails are cut to fit (with a warning)
+    max_prompt_length: int | None = None  # prompts longer than this keep their last tokens
+    eval_split: str | None = None  # a split name, or a file path
+    eval_fraction: float = 0.0  # held out from the training split when eval_split is not given
+    skip_invalid: bool = False  # drop invalid rows (with a report) instead of raising
+
+
+class DataValidationError(ValueError):
+    """Invalid preference rows; the message lists counts and the first offending rows per issue."""
+
+
+# ----- loading ------------------------------------------------------------------------------------------------------
+def load_split(path: str, split: str, fmt: str = "auto") -> datasets.Dataset:
+    """One split from a local file / directory or a hub id."""
+    if os.path.isfile(path):
+        builder = _BUILDERS.get(os.path.splitext(path)[1].lower()) if fmt == "auto" else _builder(fmt)
+        if builder is None:
+            raise ValueError(f"data.format: cannot tell the format of {path!r}; set json, jsonl, parquet or csv")
+        return datasets.load_dataset(builder, data_files={"train": path}, split="train")
+    if fmt != "auto" and os.path.isdir(path):
+        return datasets.load_dataset(_builder(fmt), data_dir=path, split=split)
+    return datasets.load_dataset(path, split=split)
+
+
+def _builder(fmt: str) -> str:
+    builder = _BUILDERS.get("." + fmt)
+    if builder is None:
+        raise ValueError(f"data.format must be auto, json, jsonl, parquet or csv; got {fmt!r}")
+    return builder
+
+
+def detect_layout(columns: list[str], cfg: LLMDataConfig, first: dict[str, Any] | None) -> tuple[str, bool]:
+    """(``pairs`` | ``sets`` | ``unpaired``, conversational?) from the columns and first row, or an error."""
+    c = cfg
+    has = set(columns)
+    grouped_cols = [c.prompt_column, c.chosen_column, c.rejected_column]
+    unpaired_cols = [c.prompt_column, c.completion_column, c.label_column]
+    if cfg.schema in ("pairs", "sets"):
+        need = grouped_cols
+    elif cfg.schema == "unpaired":
+        need = unpaired_cols
+    else:
+        need = grouped_cols if not set(unpaired_cols) <= has else unpaired_cols
+    missing = [col for col in need if col not in has]
+    if missing:
+        raise DataValidationError(
+            f"data: missing column(s) {missing} for schema {cfg.schema!r}; the data has {sorted(has)}"
+            " (rename them with data.prompt_column / chosen_column / rejected_column / completion_column /"
+            " label_column)"
+        )
+    conversational = cfg.schema == "conversational" or (first is not None and _is_messages(first[c.prompt_column]))
+    if need == unpaired_cols:
+        return "unpaired", conversational
+    if cfg.schema == "sets" or (first is not None and _is_list_of_completions(first[c.rejected_column])):
+        return "sets", conversational
+    return "pairs", conversational
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) and "content" in m for m in x)
+
+
+def _is_list_of_completions(x: Any) -> bool:
+    return isinstance(x, list) and not _is_messages(x)
+
+
+# ----- row checks ---------------------------------------------------------------------------------------------------
+def _text_ok(x: Any, conversational: bool) -> bool:
+    """A non-empty string, or (conversational) non-empty messages with non-empty string contents."""
+    if conversational and isinstance(x, list):
+        return _is_messages(x) and all(isinstance(m["content"], str) and m["content"].strip() for m in x)
+    return isinstance(x, str) and bool(x.strip())
+
+
+def row_issues(row: dict[str, Any], layout: str, conversational: bool, cfg: LLMDataConfig, k: int | None) -> list[str]:
+    """Problems of one raw row (empty list when valid)."""
+    issues = []
+    if not _text_ok(row[cfg.prompt_column], conversational):
+        issues.append("empty or non-string prompt")
+    if layout == "unpaired":
+        if not _text_ok(row[cfg.completion_column], conversational):
+            issues.append("empty or non-string completion")
+        if row[cfg.label_column] not in (True, False, 0, 1):
+            issues.append("label not bool or 0/1")
+        return issues
+    chosen, rejected = row[cfg.chosen_column], row[cfg.rejected_column]
+    losers = rejected if layout == "sets" else [rejected]
+    if not isinstance(losers, list) or not losers:
+        return [*issues, "rejected is not a non-empty list"]
+    if not _text_ok(chosen, conversational) or not all(_text_ok(r, conversational) for r in losers):
+        issues.append("empty or non-string chosen/rejected")
+    elif any(r == chosen for r in losers):
+        issues.append("chosen == rejected")
+    if k is not None and len(losers) != k:
+        issues.append(f"number of rejected differs from K={k}")
+    return issues
+
+
+def format_report(issues: dict[str, list[int]], where: str, total: int) -> str:
+    parts = [
+        f"{len(rows)} row(s) with {name} (first rows: {', '.join(map(str, rows[:_SHOW]))})"
+        for name, rows in issues.items()
+    ]
+    bad = len({r for rows in issues.values() for r in rows})
+    return f"{where}: {bad} of {total} rows invalid: " + "; ".join(parts)
+
+
+# ----- rendering and tokenisation -----------------------------------------------------------------------------------
+class Tokenize:
+    """Raw row -> prompt ids and completion ids, rendering chat templates; truncation keeps the prompt."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: LLMDataConfig, layout: str, conversational: bool):
+        self.tok, self.cfg, self.layout, self.conv = tokenizer, cfg, layout, conversational
+
+    def completions(self, row: dict[str, Any]) -> list[Any]:
+        c = self.cfg
+        if self.layout == "unpaired":
+            return [row[c.completion_column]]
+        rejected = row[c.rejected_column]
+        return [row[c.chosen_column], *(rejected if self.layout == "sets" else [rejected])]
+
+    def render(self, prompt: Any, completion: Any) -> tuple[str, str]:
+        """Chat-rendered (prompt, completion) texts whose concatenation is the full conversation."""
+        if not isinstance(prompt, list):
+            prompt = [{"role": "user", "content": prompt}]
+        reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        head = self.tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = self.tok.apply_chat_template(prompt + reply, tokenize=False)
+        if not full.startswith(head):
+            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        return head, full[len(head) :]
+
+    def ids(self, text: str, special: bool) -> list[int]:
+        return self.tok(text, add_special_tokens=special)["input_ids"]
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        prompt = row[self.cfg.prompt_column]
+        comps = self.completions(row)
+        if self.conv:
+            texts = [self.render(prompt, c) for c in comps]
+            prompt_ids = self.ids(texts[0][0], special=False)  # the template writes its own special tokens
+            comp_ids = [self.ids(t[1], special=False) for t in texts]
+        else:
+            prompt_ids = self.ids(prompt, special=True)
+            comp_ids = [self.ids(c, special=False) + [self.tok.eos_token_id] for c in comps]
+        truncated = False
+        mp = self.cfg.max_prompt_length
+        if mp is not None and len(prompt_ids) > mp:
+            prompt_ids, truncated = prompt_ids[-mp:], True
+        room = max(self.cfg.max_length - len(prompt_ids), 0)
+        if any(len(c) > room for c in comp_ids):
+            comp_ids, truncated = [c[:room] for c in comp_ids], True
+        out = {"prompt_ids": prompt_ids, "completion_ids": comp_ids, "truncated": truncated}
+        if self.layout == "unpaired":
+            out["label"] = bool(row[self.cfg.label_column])
+        return out
+
+
+# ----- the whole pipeline -------------------------------------------------------------------------------------------
+def prepare_split(
+    raw: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: LLMDataConfig,
+    where: str,
+    unpaired: bool = False,
+    with_kl: bool = False,
+) -> datasets.Dataset:
+    """Validate and tokenise; ``unpaired`` turns groups into (winner: desirable, losers: undesirable) rows;
+    ``with_kl`` adds mismatched KL completions to unpaired rows. See the module docstring."""
+    first = raw[0] if len(raw) else None
+    layout, conv = detect_layout(raw.column_names, cfg, first)
+    k = None
+    if layout == "sets" and isinstance(first[cfg.rejected_column], list):
+        k = len(first[cfg.rejected_column])  # every row must have the first row's K
+    issues: dict[str, list[int]] = {}
+    valid = []
+    for i, row in enumerate(raw):
+        found = row_issues(row, layout, conv, cfg, k)
+        for name in found:
+            issues.setdefault(name, []).append(i)
+        if not found:
+            valid.append(i)
+    rows = raw.select(valid).add_column("row", valid)
+    tok = rows.map(Tokenize(tokenizer, cfg, layout, conv), remove_columns=raw.column_names, desc="tokenise")
+    too_long = [r for r, n in zip(tok["row"], map(len, tok["prompt_ids"])) if n >= cfg.max_length]
+    if too_long:
+        issues[f"prompt alone >= max_length={cfg.max_length} tokens"] = too_long
+    if issues:
+        report = format_report(issues, where, len(raw))
+        if not cfg.skip_invalid:
+            raise DataValidationError(report + ". Fix the data or set data.skip_invalid=true to drop these rows.")
+        logger.warning("%s; skipping them (data.skip_invalid=true)", report)
+        bad = set(too_long)
+        tok = tok.filter(lambda r: r not in bad, input_columns="row")
+    if not len(tok):
+        raise DataValidationError(f"{where}: no valid rows")
+    n_trunc = sum(tok["truncated"])
+    if n_trunc:
+        logger.warning(
+            "%s: %d of %d rows truncated to max_length=%d (completion tails dropped)",
+            where,
+            n_trunc,
+            len(tok),
+            cfg.max_length,
+        )
+    tok = tok.remove_columns("truncated")
+    if layout != "unpaired" and unpaired:
+        tok = tok.map(explode_groups, batched=True, remove_columns=tok.column_names)
+        layout = "unpaired"
+    if layout == "unpaired" and with_kl:
+        tok = tok.add_column("kl_completion_ids", mismatched_completions(tok, cfg.max_length))
+    return tok.map(lambda _, i: {"idx": i}, with_indices=True)
+
+
+def explode_groups(batch: dict[str, list]) -> dict[str, list]:
+    """Grouped rows -> unpaired rows: the winner is desirable, each loser undesirable (as TRL does for KTO)."""
+    out: dict[str, list] = {"row": [], "prompt_ids": [], "completion_ids": [], "label": []}
+    for row, prompt, comps in zip(batch["row"], batch["prompt_ids"], batch["completion_ids"]):
+        for j, c in enumerate(comps):
+            out["row"].append(row)
+            out["prompt_ids"].append(prompt)
+            out["completion_ids"].append([c])
+            out["label"].append(j == 0)
+    return out
+
+
+def mismatched_completions(ds: datasets.Dataset, max_length: int) -> list[list[int]]:
+    """For row i, the completion of the next row with a different prompt (KTO's KL pairs; fixed, so cacheable)."""
+    prompts, comps = ds["prompt_ids"], [c[0] for c in ds["completion_ids"]]
+    n, out = len(prompts), []
+    for i in range(n):
+        j = next((j % n for j in range(i + 1, i + n) if prompts[j % n] != prompts[i]), (i + 1) % n)
+        out.append(comps[j][: max(max_length - len(prompts[i]), 1)])
+    return out
+
+
+def load_llm_data(
+    cfg: LLMDataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    unpaired: bool = False,
+    with_kl: bool = False,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, eval or None) prepared datasets for ``cfg``; see :func:`prepare_split` for the flags."""
+    if cfg.schema not in SCHEMAS:
+        raise ValueError(f"data.schema must be one of {list(SCHEMAS)}; got {cfg.schema!r}")
+    if not cfg.path:
+        raise ValueError("data.path is required (a local JSON/JSONL/Parquet/CSV file, a directory, or a hub id)")
+    train = prepare_split(
+        load_split(cfg.path, cfg.split, cfg.format), tokenizer, cfg, f"{cfg.path} [{cfg.split}]", unpaired, with_kl
+    )
+    if cfg.eval_split:
+        path, split = (cfg.eval_split, "train") if os.path.isfile(cfg.eval_split) else (cfg.path, cfg.eval_split)
+        evals = prepare_split(
+            load_split(path, split, cfg.format), tokenizer, cfg, f"{path} [{split}]", unpaired, with_kl
+        )
+        return train, evals
+    if cfg.eval_fraction > 0:
+        parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        reindex = lambda d: d.map(lambda _, i: {"idx": i}, with_indices=True)
+        return reindex(parts["train"]), reindex(parts["test"])
+    return train, None
