@@ -98,13 +98,16 @@ def _default_tensor(key: str, ref: torch.Tensor) -> torch.Tensor:
 
 
 def fold_weight_norm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace ``*.weight_g`` / ``*.weight_v`` pairs (HiFi-GAN saved with weight norm) by ``*.weight``."""
+    """Replace weight-norm pairs (HiFi-GAN saved with weight norm: ``weight_g``/``weight_v``, or torch's
+    ``parametrizations.weight.original0/1``) by the plain ``weight`` they stand for."""
     out = dict(sd)
-    for gk in [k for k in sd if k.endswith(".weight_g")]:
-        base = gk[: -len("_g")]
-        g, v = out.pop(gk), out.pop(base + "_v")
-        norm = v.flatten(1).norm(dim=1).reshape(g.shape)  # torch's weight_norm, dim=0
-        out[base] = v * (g / norm)
+    for suffix_g, suffix_v in (("weight_g", "weight_v"),
+                               ("parametrizations.weight.original0", "parametrizations.weight.original1")):
+        for gk in [k for k in sd if k == suffix_g or k.endswith("." + suffix_g)]:
+            stem = gk[: -len(suffix_g)]
+            g, v = out.pop(gk), out.pop(stem + suffix_v)
+            norm = v.flatten(1).norm(dim=1).reshape(g.shape)  # torch's weight_norm, dim=0
+            out[stem + "weight"] = v * (g / norm)
     return out
 
 

@@ -1,0 +1,181 @@
+"""Tango pipeline: tiny preset round trips, seeded and batch-invariant sampling, any duration, conversion."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmpref.audio import load_audio
+from mmpref.models.tango import TangoPipeline, preset_config
+from mmpref.models.tango.convert import (
+    fold_weight_norm,
+    save_tango_checkpoint,
+    vae_original_key,
+    vocoder_original_key,
+)
+
+PROMPTS = ["a dog barks while birds chirp", "rain", "a car engine idles and then a horn honks loudly"]
+KW = {"duration_s": 1.0, "num_inference_steps": 3, "guidance_scale": 3.0}
+
+
+@pytest.fixture(scope="module")
+def pipe() -> TangoPipeline:
+    return TangoPipeline.from_preset("tiny", seed=0)
+
+
+def test_tiny_layout(pipe):
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.d_model
+    assert pipe.latent_factor == 4 and pipe.vae.config.latent_channels == 8
+    assert math.prod(pipe.vocoder.config.upsample_rates) == pipe.mel_config.hop_length == 160
+    assert pipe.unet.config.down_block_types[0] == "DownBlock2D"  # no attention at full resolution
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_same_seed_same_audio_and_seeds_differ(pipe):
+    a = pipe(PROMPTS[:2], seed=7, **KW)
+    assert a.shape == (2, 16000) and a.dtype == np.float32 and np.isfinite(a).all() and a.std() > 0
+    np.testing.assert_array_equal(a, pipe(PROMPTS[:2], seed=7, **KW))
+    assert np.abs(a - pipe(PROMPTS[:2], seed=8, **KW)).max() > 1e-4
+
+
+def test_batched_equals_one_by_one(pipe):
+    batched = pipe(PROMPTS, seed=3, num_samples_per_prompt=2, **KW)
+    single = pipe(PROMPTS, seed=3, num_samples_per_prompt=2, batch_size=1, **KW)
+    assert batched.shape == (6, 16000)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    assert np.abs(batched[0] - batched[1]).max() > 1e-4  # samples of one prompt differ
+
+
+def test_generator_list_and_no_guidance(pipe):
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = pipe(PROMPTS[:2], generator=gens, **{**KW, "guidance_scale": 1.0})
+    assert out.shape == (2, 16000) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("duration", [1.0, 2.56, 0.37])
+def test_any_duration(pipe, duration):
+    out = pipe(["a bird sings"], seed=0, **{**KW, "duration_s": duration, "num_inference_steps": 2})
+    assert out.shape == (1, round(duration * 16000))
+
+
+def test_encode_audio_shapes_and_scaling(pipe):
+    wave = torch.from_numpy(np.random.default_rng(0).uniform(-0.5, 0.5, (2, 40960)).astype(np.float32))
+    mean, std = pipe.encode_audio(wave)  # 2.56 s -> 256 frames -> 64 latent frames
+    assert mean.shape == std.shape == (2, 8, 64, 16) and (std > 0).all()
+    mel = pipe.log_mel(wave)[:, :256]
+    dist = pipe.vae.encode(mel.unsqueeze(1)).latent_dist
+    torch.testing.assert_close(mean, dist.mean * pipe.vae.config.scaling_factor)
+    torch.testing.assert_close(std, dist.std * pipe.vae.config.scaling_factor)
+    m2, _ = pipe.encode_mel(mel[:, :254])  # padded with silence to 256
+    assert m2.shape == (2, 8, 64, 16)
+    decoded = pipe.decode_latents(mean)
+    assert decoded.shape == (2, 256, 64)
+    assert pipe.mel_to_wave(decoded).shape == (2, 256 * 160)
+
+
+def test_encode_text_masks_padding(pipe):
+    hidden, mask = pipe.encode_text(["a dog barks", "", "rain"])
+    assert hidden.shape[:2] == mask.shape and hidden.shape[2] == pipe.text_encoder.config.d_model
+    assert mask[1].sum() == 1  # the unconditional prompt is just </s>
+    alone, _ = pipe.encode_text(["a dog barks"])
+    torch.testing.assert_close(hidden[0, : alone.shape[1]], alone[0], atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    assert meta["components"]["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert (tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = TangoPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.mel_config == pipe.mel_config
+    np.testing.assert_array_equal(loaded(PROMPTS[:2], seed=1, **KW), pipe(PROMPTS[:2], seed=1, **KW))
+    half = TangoPipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.bfloat16)
+    assert half.unet.dtype == half.vae.dtype == torch.bfloat16
+    assert TangoPipeline.from_pretrained(tmp_path / "p", unet=pipe.unet).unet is pipe.unet
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        TangoPipeline.from_pretrained(tmp_path)
+
+
+def test_tango_checkpoint_conversion(pipe, tmp_path):
+    save_tango_checkpoint(pipe, tmp_path)  # the original layout, by inverting the name map
+    vae_sd = torch.load(tmp_path / "pytorch_model_vae.bin", weights_only=True)
+    main_sd = torch.load(tmp_path / "pytorch_model_main.bin", weights_only=True)
+    for key in ("encoder.down.0.block.0.conv1.weight", "encoder.down.0.downsample.conv.weight",
+                "encoder.mid.block_1.norm1.weight", "encoder.norm_out.weight", "decoder.up.0.block.0.conv2.weight",
+                "decoder.up.2.upsample.conv.weight", "decoder.mid.attn_1.proj_out.weight", "quant_conv.weight",
+                "vocoder.conv_pre.weight", "vocoder.ups.4.weight", "vocoder.resblocks.0.convs2.1.weight"):
+        assert key in vae_sd, key
+    assert vae_sd["encoder.mid.attn_1.q.weight"].dim() == 4 and "vocoder.mean" not in vae_sd
+    assert "decoder.up.2.upsample.conv.weight" in vae_sd and "decoder.up.0.upsample.conv.weight" not in vae_sd
+    assert any(k.startswith("unet.down_blocks.1.attentions.0") for k in main_sd)
+    loaded = TangoPipeline.from_tango_checkpoint(tmp_path, preset="tiny")
+    assert loaded.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    for name in ("unet", "vae", "vocoder", "text_encoder"):
+        ref, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), name
+    np.testing.assert_array_equal(loaded(PROMPTS[:1], seed=2, **KW), pipe(PROMPTS[:1], seed=2, **KW))
+
+    del vae_sd["decoder.up.1.block.0.conv1.weight"]
+    torch.save(vae_sd, tmp_path / "pytorch_model_vae.bin")
+    with pytest.raises(KeyError, match="decoder.up.1.block.0.conv1.weight"):
+        TangoPipeline.from_tango_checkpoint(tmp_path, preset="tiny")
+
+
+def test_key_maps():
+    assert vae_original_key("decoder.up_blocks.0.resnets.2.conv_shortcut.weight", 3) == \
+        "decoder.up.2.block.2.nin_shortcut.weight"
+    assert vae_original_key("encoder.mid_block.attentions.0.to_out.0.bias", 3) == "encoder.mid.attn_1.proj_out.bias"
+    assert vae_original_key("decoder.mid_block.resnets.1.norm2.weight", 3) == "decoder.mid.block_2.norm2.weight"
+    assert vocoder_original_key("upsampler.3.bias") == "vocoder.ups.3.bias" and vocoder_original_key("mean") is None
+
+
+def test_fold_weight_norm():
+    conv = torch.nn.ConvTranspose1d(4, 2, 3)
+    legacy = torch.nn.utils.weight_norm(torch.nn.ConvTranspose1d(4, 2, 3))
+    legacy.weight_g.data.uniform_(0.5, 2.0)
+    legacy(torch.zeros(1, 4, 5))  # recompute .weight from g, v
+    sd = fold_weight_norm({f"vocoder.ups.0.{k}": v for k, v in legacy.state_dict().items()})
+    torch.testing.assert_close(sd["vocoder.ups.0.weight"], legacy.weight.detach())
+    param = torch.nn.utils.parametrizations.weight_norm(conv)
+    sd = fold_weight_norm(param.state_dict())
+    torch.testing.assert_close(sd["weight"], param.weight.detach())
+
+
+def test_tango_preset_architecture():
+    """The real architecture, built on the meta device (no allocation, no download)."""
+    from mmpref.models.tango import presets
+
+    cfg = preset_config("tango")
+    with torch.device("meta"):
+        unet = presets.build_unet(cfg["unet"])
+        vocoder = presets.build_vocoder(cfg["vocoder"])
+    n = sum(p.numel() for p in unet.parameters())
+    assert 860e6 < n < 870e6, n
+    assert unet.config.cross_attention_dim == 1024 and unet.config.upcast_attention
+    assert math.prod(vocoder.config.upsample_rates) == 160 and vocoder.config.model_in_dim == 64
+    sched = presets.build_scheduler(cfg["scheduler"])
+    assert sched.config.prediction_type == "v_prediction" and sched.config.beta_schedule == "scaled_linear"
+
+
+def test_generate_cli(pipe, tmp_path):
+    from mmpref.models.tango.generate import main
+
+    pipe.save_pretrained(tmp_path / "m")
+    (tmp_path / "prompts.txt").write_text("rain falls\n\nthunder\n")
+    rc = main(["--model", str(tmp_path / "m"), "--prompt", "a dog barks", "--prompts-file",
+               str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "out"), "--steps", "2", "--duration", "0.5",
+               "--seed", "4", "--num-samples", "2"])
+    assert rc == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a dog barks"] * 2 + ["rain falls"] * 2 + ["thunder"] * 2
+    wave = load_audio(tmp_path / "out" / records[0]["file"])
+    expected = pipe(["a dog barks"], duration_s=0.5, num_inference_steps=2, seed=4, num_samples_per_prompt=2)[0]
+    np.testing.assert_allclose(wave, expected, atol=2 / 32768)  # PCM-16 WAV
