@@ -1,0 +1,307 @@
+"""The training loop: one accelerate loop for every modality and every loss. Read it top to bottom.
+
+adapter = get_adapter_class(cfg.modality)(cfg)      # models + dataset of one modality
+for step in range(start, total):                    # global optimizer steps
+    phase = phase_at(plan, step)                    # pure function of the step: same on every process
+    for _ in range(grad_accum):                     # micro-batches
+        scores = adapter.scores(policy, batch, loss); loss(scores).loss.backward()
+    clip, optimizer.step, scheduler.step, log, checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, gather_object, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from mmpref.adapters import get_adapter_class
+from mmpref.config import OptimConfig, TrainConfig, config_to_dict, save_config
+from mmpref.losses import build_loss
+
+from .checkpoint import load_latest, save_checkpoint
+from .phases import Phase, phase_at, plan_phases
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (non-finite loss, a failing batch); the message names the step and the phase."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    metrics: dict[str, float]  # the last logged metrics
+    output_dir: str
+    final_dir: str  # adapter.save_pretrained output
+    checkpoint: str | None  # newest complete checkpoint
+    metrics_file: str  # JSONL, one line per logged step
+    policy: nn.Module | None = field(default=None, repr=False)  # the trained (unwrapped) policy, in memory
+
+
+@dataclass(frozen=True)
+class _Needs:
+    """What any phase needs from the adapter's setup (satisfies adapters.LossRequirements)."""
+
+    needs_reference: bool
+    needs_lengths: bool
+    needs_kl: bool
+    unpaired: bool
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    run = cfg.train
+    out = Path(run.output_dir)
+    accelerator = Accelerator(
+        cpu=run.cpu,
+        mixed_precision=run.mixed_precision,
+        # we always feed whole accumulation windows, also across epoch ends: never sync at the end of a dataloader
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=run.grad_accum, sync_with_dataloader=False),
+        # shuffling is a function of (seed, epoch) only, so a resumed run sees exactly the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed),
+        log_with=_trackers(run.report_to),
+        project_dir=str(out),
+    )
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+
+    # ----- model, data, objectives --------------------------------------------------------------------------------
+    set_seed(run.seed)  # identical initial weights on every process
+    adapter = get_adapter_class(cfg.modality)(cfg)
+    loader = DataLoader(
+        adapter.train_dataset,
+        batch_size=run.batch_size,
+        shuffle=True,
+        collate_fn=adapter.collate,
+        num_workers=run.num_workers,
+        generator=torch.Generator().manual_seed(run.seed),  # keeps DataLoader seeding off the global RNG
+    )
+    losses = [build_loss(spec) for spec in [p.loss for p in cfg.phases] or [cfg.loss]]  # one per phase
+    adapter.setup(accelerator, _union(losses))  # once, for everything any phase needs
+    optimizer = _adamw(adapter.policy, cfg.optim)
+    policy, optimizer, loader = accelerator.prepare(adapter.policy, optimizer, loader)
+    eval_loader = _eval_loader(accelerator, adapter, run)
+    plan = plan_phases(cfg, batches_per_epoch=len(loader))
+    total = plan[-1].end
+    scheduler = get_scheduler(
+        {"constant": "constant_with_warmup"}.get(cfg.optim.scheduler, cfg.optim.scheduler),
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=total,
+    )
+    # not prepared: accelerate's wrapper steps the schedule num_processes times per step; ours counts optimizer steps
+    accelerator.register_for_checkpointing(scheduler, *losses)  # losses: bco's running reward shift
+
+    # ----- resume -------------------------------------------------------------------------------------------------
+    step, ckpt = load_latest(accelerator, out) if run.resume else (0, None)
+    if ckpt is None:
+        set_seed(run.seed, device_specific=True)  # different noise/timesteps per process from here on
+    else:
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    metrics_file = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics_file, step)  # drop lines a crashed run logged after its last checkpoint
+    if accelerator.trackers:
+        accelerator.init_trackers("mmpref", config=_flat(config_to_dict(cfg)))
+
+    # ----- the loop -----------------------------------------------------------------------------------------------
+    batches = _micro_batches(accelerator, loader, first=step * run.grad_accum)
+    bar = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    last: dict[str, float] = {}
+    phase: Phase | None = None
+    started = time.perf_counter()
+    while step < total:
+        if phase is None or not phase.start <= step < phase.end:
+            phase = phase_at(plan, step)
+            if accelerator.is_main_process:
+                bar.write(f"phase {phase.name!r} ({phase.index + 1}/{len(plan)}): steps {phase.start}..{phase.end}")
+        loss = losses[phase.index]
+        policy.train()
+        with _context(step, phase):
+            local, finite = [], True
+            for _ in range(run.grad_accum):
+                with accelerator.accumulate(policy):  # no_sync on all but the last; loss / grad_accum in backward
+                    res = loss(adapter.scores(policy, next(batches), loss))
+                    accelerator.backward(res.loss)
+                finite &= bool(torch.isfinite(res.loss.detach()))
+                local.append({**_floats(res.metrics), **adapter.step_metrics(), "loss": res.loss.item()})
+            assert accelerator.sync_gradients, "accumulation window out of step with grad_accum"
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm or math.inf)
+            if run.mixed_precision != "fp16":  # fp16's scaler skips inf steps by design; elsewhere they corrupt
+                finite &= bool(torch.isfinite(grad_norm))
+            _stop_if_not_finite(accelerator, finite, step, phase, out)
+            lr = scheduler.get_last_lr()[0]  # the rate this update used
+            optimizer.step()
+            if not optimizer.step_was_skipped:  # fp16 overflow steps leave the schedule where it is
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % run.log_every == 0 or step == total:
+            last = _mean_over_processes(_mean(local))
+            last.update(step=step, phase=phase.name, lr=lr, grad_norm=float(grad_norm))
+            last.update(epoch=step * run.grad_accum / len(loader), elapsed_s=time.perf_counter() - started)
+            _log(accelerator, metrics_file, last)
+            bar.set_postfix(loss=f"{last['loss']:.4g}", phase=phase.name)
+        if eval_loader is not None and step % run.eval_every == 0:
+            _log(accelerator, metrics_file, {"step": step, **_evaluate(adapter, policy, loss, eval_loader)})
+        if step % run.save_every == 0 or step == total:
+            state = {"phase": phase.name, "epoch": step * run.grad_accum // len(loader)}
+            ckpt = save_checkpoint(accelerator, out, step, state, keep=run.keep_checkpoints)
+    bar.close()
+
+    final = out / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_final(adapter, accelerator.unwrap_model(policy), final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(step, last, str(out), str(final), str(ckpt) if ckpt else None, str(metrics_file), adapter.policy)
+
+
+# ----- pieces of the loop -------------------------------------------------------------------------------------------
+def _micro_batches(accelerator: Accelerator, loader: Any, first: int) -> Iterator[dict]:
+    """An endless stream of batches over epochs, starting at micro-batch ``first`` (0 for a fresh run)."""
+    epoch, skip = divmod(first, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+@contextmanager
+def _context(step: int, phase: Phase) -> Iterator[None]:
+    """Failures inside a step are re-raised naming the step and phase."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as e:
+        raise TrainingError(f"step {step + 1} (phase {phase.name!r}) failed: {type(e).__name__}: {e}") from e
+
+
+def _stop_if_not_finite(accelerator: Accelerator, finite: bool, step: int, phase: Phase, out: Path) -> None:
+    """All processes agree (one collective) and stop before the optimizer step, so no corrupted state is saved."""
+    bad = accelerator.reduce(torch.tensor(0.0 if finite else 1.0, device=accelerator.device), "sum")
+    if bad.item() > 0:
+        raise TrainingError(
+            f"non-finite loss at step {step + 1} (phase {phase.name!r}) on {int(bad.item())} process(es); "
+            f"stopped before the update; the last good checkpoint in {out} is kept"
+        )
+
+
+def _adamw(policy: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; biases and norms (ndim < 2) without weight decay, as in nanoGPT."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the policy has no trainable parameters (requires_grad=False everywhere)")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def _union(losses: list[Any]) -> _Needs:
+    return _Needs(
+        *(any(getattr(x, k) for x in losses) for k in ("needs_reference", "needs_lengths", "needs_kl", "unpaired"))
+    )
+
+
+def _floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean, ignoring NaN (e.g. an unpaired micro-batch without undesirable rows)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r and not math.isnan(r[k])]
+        out[k] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
+def _mean_over_processes(local: dict[str, float]) -> dict[str, float]:
+    """Average over processes; tolerant of keys only some processes have (e.g. timestep bins)."""
+    return _mean(gather_object([local]))
+
+
+def _log(accelerator: Accelerator, path: Path, metrics: dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    if accelerator.trackers:
+        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+
+
+def _eval_loader(accelerator: Accelerator, adapter: Any, run: Any) -> Any | None:
+    if not run.eval_every or adapter.eval_dataset is None:
+        return None
+    loader = DataLoader(adapter.eval_dataset, batch_size=run.batch_size, collate_fn=adapter.collate)
+    return accelerator.prepare_data_loader(loader)  # prepared once: save_state/load_state count dataloaders
+
+
+@torch.no_grad()
+def _evaluate(adapter: Any, policy: nn.Module, loss: Any, loader: Any) -> dict[str, float]:
+    policy.eval()
+    rows = [{**_floats(loss(adapter.scores(policy, b, loss)).metrics), **adapter.step_metrics()} for b in loader]
+    policy.train()
+    return {f"eval/{k}": v for k, v in _mean_over_processes(_mean(rows)).items()}
+
+
+def _save_final(adapter: Any, policy: nn.Module, final: Path) -> None:
+    """adapter.save_pretrained into a temp dir, then swap it in: ``final`` is never half-written."""
+    tmp, old = final.with_name("final.tmp"), final.with_name("final.old")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    adapter.save_pretrained(policy, str(tmp))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _trackers(report_to: list[str]) -> list[str] | None:
+    """The requested accelerate trackers that are installed (missing ones are skipped with a warning)."""
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in report_to if t not in available]
+    if missing:
+        print(f"mmpref: trackers not installed, skipped: {missing}")
+    return [t for t in report_to if t in available] or None
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat scalar dict for trackers' hparams."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

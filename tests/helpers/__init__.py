@@ -1,0 +1,1 @@
+"""Shared test utilities (a toy adapter for engine tests)."""
