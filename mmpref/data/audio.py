@@ -1,0 +1,524 @@
+"""Audio preference sets: loading, validation, a tiny synthetic set, and the on-disk tensor cache.
+
+Two schemas, both normalised to *groups* (one prompt, one winner, ``K`` losers):
+
+* ``audio_alpaca``: one pair per row, columns ``prompt, chosen, rejected[, strategy]`` (Tango 2's Audio-Alpaca);
+  ``group_pairs`` merges rows sharing ``(prompt, chosen)`` into one group.
+* ``grouped``: ``prompt, chosen, rejected`` with ``rejected`` a list (CSV: a JSON-encoded list).
+
+An audio cell is a path (relative paths resolve against ``audio_root``, default: the data file's folder) or a
+``datasets.Audio(decode=False)`` dict ``{"bytes", "path"}``. Audio is decoded with soundfile only
+(:func:`mmpref.audio.load_audio`), never with datasets' own decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmpref.audio import AudioFileError, load_audio, resample, save_audio
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SCHEMAS = ("auto", "audio_alpaca", "grouped")
+
+
+@dataclass
+class AudioPreferenceDataConfig:
+    """The ``data:`` section of a diffusion run.
+
+    path: a local file (json/jsonl/parquet/csv), a folder of such files, a hub dataset id, or ``tiny:N[:K]``
+        (a synthetic set of N groups with K losers of 1 s tones, generated once under the cache root).
+    duration_s: clip length the model trains on; waves are cropped / zero-padded to it (Tango: 10 s or 10.24 s).
+    num_losers: K. None: every group must have the same K. An int: groups with more losers are split into
+        groups of K losers (K=1 gives Tango 2's pairs); groups with fewer are invalid.
+    length_tolerance_s: clips whose length differs from ``duration_s`` by more are invalid (None: no check).
+    skip_invalid: False (default) refuses to start when any clip is missing / corrupt / silent / of the wrong
+        length (all of them are reported with their paths); True drops the groups that use them.
+    cache_dir: where latents and text encodings are cached; default ``$MMPREF_CACHE_DIR`` (or
+        ``~/.cache/mmpref``) ``/diffusion/<hash of the data source>``.
+    """
+
+    path: str = "tiny:16"
+    schema: str = "auto"
+    split: str = "train"
+    audio_root: str | None = None
+    duration_s: float = 10.0
+    num_losers: int | None = None
+    group_pairs: bool = False
+    max_groups: int | None = None
+    skip_invalid: bool = False
+    length_tolerance_s: float | None = 0.5
+    silence_threshold: float = 1e-4  # peak |x| at or below this counts as silent
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.schema not in SCHEMAS:
+            raise ValueError(f"data.schema must be one of {list(SCHEMAS)}, got {self.schema!r}")
+        if not self.duration_s > 0:
+            raise ValueError(f"data.duration_s must be > 0, got {self.duration_s!r}")
+        if self.num_losers is not None and self.num_losers < 1:
+            raise ValueError(f"data.num_losers must be None or >= 1, got {self.num_losers!r}")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMPREF_CACHE_DIR") or Path.home() / ".cache" / "mmpref")
+
+
+# ---------------------------------------------------------------------------------------------- the index
+@dataclass(frozen=True)
+class Clip:
+    """One audio file: ``path`` on disk, or embedded bytes at ``table[row][column]`` (item ``item`` of a list)."""
+
+    key: str
+    path: str | None = None
+    row: int = -1
+    column: str = ""
+    item: int = -1
+
+
+@dataclass
+class PreferenceIndex:
+    """Unique prompts and clips, and groups ``(prompt id, (winner clip id, loser clip ids...))``."""
+
+    prompts: list[str]
+    clips: list[Clip]
+    groups: list[tuple[int, tuple[int, ...]]]
+    table: Any = None  # the datasets.Dataset, for embedded audio bytes
+    fingerprint: str = ""  # of the data source (file content or datasets fingerprint) and the grouping
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_losers(self) -> int:
+        return len(self.groups[0][1]) - 1 if self.groups else 0
+
+    def read(self, clip_id: int, sample_rate: int) -> np.ndarray:
+        """The clip as float32 mono at ``sample_rate`` (raises :class:`AudioFileError` naming the clip)."""
+        clip = self.clips[clip_id]
+        if clip.path is not None:
+            return load_audio(clip.path, sample_rate)
+        cell = self.table[clip.row][clip.column]
+        cell = cell[clip.item] if clip.item >= 0 else cell
+        try:
+            data, sr = sf.read(io.BytesIO(cell["bytes"]), dtype="float32", always_2d=True)
+        except Exception as e:
+            raise AudioFileError(f"cannot read audio {clip.key!r}: {e}") from e
+        return np.ascontiguousarray(resample(data.mean(axis=1), sr, sample_rate), dtype=np.float32)
+
+
+def load_preference_index(cfg: AudioPreferenceDataConfig) -> PreferenceIndex:
+    """Read the data source and build the group index (no audio is decoded here)."""
+    table, root, source_fp = _load_table(cfg)
+    schema = _detect_schema(table, cfg.schema)
+    builder = _IndexBuilder(table, root)
+    groups: list[tuple[int, list[int]]] = []
+    by_pair: dict[tuple[int, int], int] = {}
+    for row_id, row in enumerate(table):
+        prompt = builder.prompt(row["prompt"], row_id)
+        winner = builder.clip(row["chosen"], row_id, "chosen", -1)
+        losers = _as_list(row["rejected"]) if schema == "grouped" else [row["rejected"]]
+        item = (lambda j: j) if schema == "grouped" else (lambda j: -1)
+        loser_ids = [builder.clip(v, row_id, "rejected", item(j)) for j, v in enumerate(losers)]
+        if cfg.group_pairs and (prompt, winner) in by_pair:
+            groups[by_pair[(prompt, winner)]][1].extend(loser_ids)
+            continue
+        by_pair[(prompt, winner)] = len(groups)
+        groups.append((prompt, [winner, *loser_ids]))
+    final, dropped = _fix_group_size(groups, cfg.num_losers, cfg.skip_invalid)
+    if cfg.max_groups is not None:
+        final = final[: cfg.max_groups]
+    fp = _hash([source_fp, schema, cfg.group_pairs, cfg.num_losers, cfg.max_groups, root and str(root)])
+    return PreferenceIndex(builder.prompts, builder.clips, final, table, fp, dropped)
+
+
+class _IndexBuilder:
+    def __init__(self, table: Any, root: Path | None):
+        self.table, self.root = table, root
+        self.prompts: list[str] = []
+        self.clips: list[Clip] = []
+        self._prompt_ids: dict[str, int] = {}
+        self._clip_ids: dict[str, int] = {}
+
+    def prompt(self, text: Any, row: int) -> int:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"row {row}: 'prompt' must be a non-empty string, got {text!r}")
+        return _intern(self._prompt_ids, self.prompts, text, text)
+
+    def clip(self, cell: Any, row: int, column: str, item: int) -> int:
+        clip = self._to_clip(cell, row, column, item)
+        return _intern(self._clip_ids, self.clips, clip.key, clip)
+
+    def _to_clip(self, cell: Any, row: int, column: str, item: int) -> Clip:
+        if isinstance(cell, dict) and cell.get("bytes"):
+            # embedded audio is not deduplicated (hashing every clip's bytes would cost a full read per run)
+            return Clip(key=f"{column}[{row}]" + (f"[{item}]" if item >= 0 else ""), row=row, column=column,
+                        item=item)
+        path = cell.get("path") if isinstance(cell, dict) else cell
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"row {row}: {column!r} must be an audio path or an Audio dict, got {cell!r}")
+        resolved = Path(path) if Path(path).is_absolute() or self.root is None else self.root / path
+        resolved = os.path.normpath(resolved)
+        return Clip(key=resolved, path=resolved)
+
+
+def _intern(ids: dict[str, int], items: list, key: str, value: Any) -> int:
+    """The id of ``key``, appending ``value`` to ``items`` the first time it is seen."""
+    if key not in ids:
+        ids[key] = len(items)
+        items.append(value)
+    return ids[key]
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = json.loads(value)  # CSV: a JSON-encoded list
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"grouped schema: 'rejected' must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _fix_group_size(groups: list[tuple[int, list[int]]], k: int | None,
+                    skip_invalid: bool) -> tuple[list[tuple[int, tuple[int, ...]]], dict[str, int]]:
+    """Every group gets exactly K losers (see ``AudioPreferenceDataConfig.num_losers``)."""
+    if not groups:
+        raise ValueError("the preference set has no rows")
+    sizes = sorted({len(m) - 1 for _, m in groups})
+    if k is None:
+        if len(sizes) > 1:
+            raise ValueError(f"groups have different numbers of losers {sizes}: set data.num_losers to one K")
+        k = sizes[0]
+    out, short, leftover = [], [], 0
+    for i, (prompt, (winner, *losers)) in enumerate(groups):
+        if len(losers) < k:
+            short.append(i)
+            continue
+        for s in range(0, len(losers) - k + 1, k):
+            out.append((prompt, (winner, *losers[s: s + k])))
+        leftover += len(losers) % k
+    if short and not skip_invalid:
+        raise ValueError(f"{len(short)} group(s) have fewer than num_losers={k} losers (groups {short[:20]}"
+                         f"{' ...' if len(short) > 20 else ''}); set data.skip_invalid=true to drop them")
+    return out, {"groups_too_few_losers": len(short), "losers_left_over": leftover}
+
+
+def _load_table(cfg: AudioPreferenceDataConfig) -> tuple[Any, Path | None, str]:
+    """(datasets.Dataset with audio undecoded, audio root, fingerprint of the source)."""
+    import datasets
+
+    src = cfg.path
+    if src.startswith("tiny:"):
+        src = str(_tiny_source(src))
+    path = Path(src)
+    if path.is_file():
+        if path.suffix.lower() not in _BUILDERS:
+            raise ValueError(f"data.path {src!r}: unsupported file type; use one of {sorted(_BUILDERS)}")
+        table = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        source_fp, default_root = _file_hash(path), path.parent
+    elif path.is_dir():
+        table = datasets.load_dataset(str(path), split=cfg.split)
+        source_fp, default_root = table._fingerprint, path
+    else:
+        table = datasets.load_dataset(src, split=cfg.split)  # a hub id
+        source_fp, default_root = table._fingerprint, None
+    table = _undecode_audio(table)
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"data.path {cfg.path!r}: missing column(s) {missing}; found {table.column_names}")
+    root = Path(cfg.audio_root) if cfg.audio_root else default_root
+    return table, root, source_fp
+
+
+def _undecode_audio(table: Any) -> Any:
+    """Cast Audio columns to ``decode=False``: datasets' decoder needs torchcodec/FFmpeg, which we do not use."""
+    from datasets import Audio, List
+
+    for name, feat in table.features.items():
+        if isinstance(feat, Audio):
+            table = table.cast_column(name, Audio(decode=False))
+        elif isinstance(feat, List) and isinstance(feat.feature, Audio):
+            table = table.cast_column(name, List(Audio(decode=False)))
+    return table
+
+
+def _detect_schema(table: Any, schema: str) -> str:
+    if schema != "auto":
+        return schema
+    first = table[0]["rejected"] if len(table) else None
+    is_list = isinstance(first, list) or (isinstance(first, str) and first.lstrip().startswith("["))
+    return "grouped" if is_list else "audio_alpaca"
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class AudioIssue:
+    key: str  # the path (or the embedded cell)
+    reason: str
+
+
+class InvalidAudioError(ValueError):
+    """Raised before training when clips are unusable; ``issues`` lists every one of them."""
+
+    def __init__(self, issues: list[AudioIssue], total: int):
+        self.issues = issues
+        super().__init__(format_issues(issues, total) + "\nfix or remove them, or set data.skip_invalid=true")
+
+
+def format_issues(issues: list[AudioIssue], total: int) -> str:
+    kinds: dict[str, int] = {}
+    for i in issues:
+        kind = i.reason.split(" (")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    lines = [f"{len(issues)} of {total} audio files are invalid ({summary}):"]
+    lines += [f"  {i.key}: {i.reason}" for i in issues]
+    return "\n".join(lines)
+
+
+def check_clip(wave: np.ndarray, sample_rate: int, cfg: AudioPreferenceDataConfig) -> str | None:
+    """Why a decoded clip is unusable, or None."""
+    if wave.size == 0:
+        return "empty (0 samples)"
+    if not np.isfinite(wave).all():
+        return "corrupt (NaN or inf samples)"
+    peak = float(np.abs(wave).max())
+    if peak <= cfg.silence_threshold:
+        return f"silent (peak {peak:.2g})"
+    seconds = wave.shape[-1] / sample_rate
+    if cfg.length_tolerance_s is not None and abs(seconds - cfg.duration_s) > cfg.length_tolerance_s:
+        return f"wrong length ({seconds:.2f} s, expected {cfg.duration_s} s +- {cfg.length_tolerance_s})"
+    return None
+
+
+def read_and_check(index: PreferenceIndex, clip_id: int, sample_rate: int,
+                   cfg: AudioPreferenceDataConfig) -> tuple[np.ndarray | None, str | None]:
+    """(wave, None) or (None, reason)."""
+    clip = index.clips[clip_id]
+    if clip.path is not None and not os.path.exists(clip.path):
+        return None, "missing (no such file)"
+    try:
+        wave = index.read(clip_id, sample_rate)
+    except AudioFileError as e:
+        return None, f"corrupt ({str(e.__cause__ or e).splitlines()[0]})"
+    reason = check_clip(wave, sample_rate, cfg)
+    return (None, reason) if reason else (wave, None)
+
+
+def fit_length(wave: torch.Tensor, n: int) -> torch.Tensor:
+    """Crop or zero-pad the last dim to ``n`` samples (Tango crops from the start and pads at the end)."""
+    return wave[..., :n] if wave.shape[-1] >= n else torch.nn.functional.pad(wave, (0, n - wave.shape[-1]))
+
+
+def audio_stats_fingerprint(index: PreferenceIndex) -> str:
+    """Size and mtime of every audio file on disk: a cheap signal that clips changed behind the data file."""
+    stats = []
+    for c in index.clips:
+        if c.path is not None:
+            try:
+                st = os.stat(c.path)
+                stats.append((c.path, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((c.path, None, None))
+    return _hash(stats)
+
+
+# ---------------------------------------------------------------------------------------------- tiny set
+_TONES = [("low", 220.0), ("middle", 440.0), ("high", 880.0), ("very high", 1760.0)]
+_RHYTHMS = [("steady", 0.0), ("pulsing", 4.0), ("fast beeping", 8.0)]
+
+
+def make_tiny_preference_set(directory: str | os.PathLike, n: int = 16, k: int = 1, duration_s: float = 1.0,
+                             sample_rate: int = 16000, seed: int = 0) -> Path:
+    """Write ``n`` groups of synthetic tones (WAV) and their preference file; returns the file's path.
+
+    Prompt i asks for a tone of some pitch and rhythm; the winner matches it, each loser has another pitch
+    (and sometimes rhythm). ``k == 1``: Audio-Alpaca schema (``prefs.jsonl`` with prompt/chosen/rejected/strategy);
+    ``k > 1``: grouped schema. Paths are relative to ``directory``.
+    """
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        pitch, rhythm = i % len(_TONES), (i // len(_TONES)) % len(_RHYTHMS)
+        prompt = f"a {_RHYTHMS[rhythm][0]} {_TONES[pitch][0]} pitched beep"
+        chosen = f"audio/{i:04d}_w.wav"
+        save_audio(directory / chosen, _tone(pitch, rhythm, duration_s, sample_rate, rng), sample_rate)
+        rejected = []
+        for j in range(k):
+            other = (pitch + 1 + j) % len(_TONES)
+            name = f"audio/{i:04d}_l{j}.wav"
+            save_audio(directory / name, _tone(other, (rhythm + j) % len(_RHYTHMS), duration_s, sample_rate, rng),
+                       sample_rate)
+            rejected.append(name)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected[0] if k == 1 else rejected,
+                     "strategy": "tiny-tones"})
+    out = directory / "prefs.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _tone(pitch: int, rhythm: int, duration_s: float, sr: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(round(duration_s * sr))) / sr
+    wave = np.sin(2 * np.pi * _TONES[pitch][1] * t + rng.uniform(0, 2 * np.pi))
+    rate = _RHYTHMS[rhythm][1]
+    if rate:
+        wave *= (np.sin(2 * np.pi * rate * t) > 0).astype(np.float64)
+    return (0.4 * wave + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def _tiny_source(spec: str) -> Path:
+    """``tiny:N[:K]`` -> the generated file under the cache root (written once, atomically)."""
+    parts = spec.split(":")[1:]
+    try:
+        n, k = int(parts[0]), int(parts[1]) if len(parts) > 1 else 1
+    except (ValueError, IndexError):
+        raise ValueError(f"data.path {spec!r}: expected tiny:N or tiny:N:K") from None
+    target = cache_root() / "tiny_prefs" / f"n{n}_k{k}"
+    if not (target / "prefs.jsonl").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        make_tiny_preference_set(tmp, n=n, k=k)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its set is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / "prefs.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------- tensor cache
+META = "meta.json"
+CACHE_VERSION = 1
+
+
+class ShardWriter:
+    """Appends rows of named tensors; every ``shard_size`` rows become one ``<prefix>-NNNNN.safetensors``.
+
+    Tensors whose dim 1 varies between rows (text encodings) are zero-padded to the shard's longest row.
+    """
+
+    def __init__(self, directory: Path, prefix: str, shard_size: int):
+        self.directory, self.prefix, self.shard_size = directory, prefix, shard_size
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.shards: list[str] = []
+        self.count = 0
+
+    def add(self, **batch: torch.Tensor) -> None:
+        n = len(next(iter(batch.values())))
+        for i in range(n):
+            for name, t in batch.items():
+                self.rows.setdefault(name, []).append(t[i].detach().cpu().contiguous())
+            self.count += 1
+            if len(next(iter(self.rows.values()))) == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.rows or not next(iter(self.rows.values())):
+            return
+        tensors = {name: _stack_padded(rows) for name, rows in self.rows.items()}
+        name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
+        save_file(tensors, str(self.directory / name))
+        self.shards.append(name)
+        self.rows = {}
+
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    if rows[0].dim() >= 1 and len({r.shape[0] for r in rows}) > 1:
+        n = max(r.shape[0] for r in rows)
+        rows = [torch.nn.functional.pad(r, (0, 0) * (r.dim() - 1) + (0, n - r.shape[0])) for r in rows]
+    return torch.stack(rows)
+
+
+class ShardReader:
+    """Random access to the rows a :class:`ShardWriter` wrote (memory-mapped; picklable for dataloader workers)."""
+
+    def __init__(self, directory: Path, shards: list[str], shard_size: int):
+        self.directory, self.shards, self.shard_size = Path(directory), shards, shard_size
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+    def row(self, i: int, name: str) -> torch.Tensor:
+        s, off = divmod(i, self.shard_size)
+        if s not in self._handles:
+            self._handles[s] = safe_open(str(self.directory / self.shards[s]), framework="pt")
+        return self._handles[s].get_slice(name)[off: off + 1][0]
+
+
+def read_cache_meta(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / META).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cache_is_valid(directory: Path, fingerprint: str) -> bool:
+    meta = read_cache_meta(directory)
+    return bool(meta) and meta.get("version") == CACHE_VERSION and meta.get("fingerprint") == fingerprint
+
+
+def publish_cache(tmp: Path, directory: Path, meta: dict) -> None:
+    """Write meta last, then swap the finished folder in place of any old (invalidated) cache."""
+    (tmp / META).write_text(json.dumps({**meta, "version": CACHE_VERSION}, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(directory)
+
+
+def iter_batches(ids: list[int], size: int) -> Iterator[list[int]]:
+    for s in range(0, len(ids), size):
+        yield ids[s: s + size]
+
+
+def default_cache_dir(cfg: AudioPreferenceDataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    source = cfg.path if cfg.path.startswith("tiny:") or not Path(cfg.path).exists() else str(Path(cfg.path).resolve())
+    return cache_root() / "diffusion" / _hash([source, cfg.split])[:16]
+
+
+__all__ = [
+    "AudioIssue",
+    "AudioPreferenceDataConfig",
+    "Clip",
+    "InvalidAudioError",
+    "PreferenceIndex",
+    "ShardReader",
+    "ShardWriter",
+    "audio_stats_fingerprint",
+    "cache_is_valid",
+    "check_clip",
+    "default_cache_dir",
+    "fit_length",
+    "format_issues",
+    "load_preference_index",
+    "make_tiny_preference_set",
+    "publish_cache",
+    "read_and_check",
+    "read_cache_meta",
+]
