@@ -28,7 +28,8 @@ class ToyModelConfig:
     dim: int = 4
     noise: float = 0.0  # std of Gaussian jitter on the policy scores (global RNG)
     fail_at_call: int | None = None  # raise RuntimeError on this scores() call (1-based, per process)
-    nan_at_call: int | None = None  # policy scores become NaN from this call on
+    nan_at_call: int | None = None  # policy scores become NaN from this call on (the loss core rejects them)
+    inf_at_call: int | None = None  # finite but huge scores from this call on: the DPO loss itself overflows to inf
 
 
 @dataclass
@@ -103,6 +104,8 @@ class ToyAdapter(Adapter):
             lp = lp + m.noise * torch.randn_like(lp)
         if m.nan_at_call is not None and self.calls >= m.nan_at_call:
             lp = lp * float("nan")
+        if m.inf_at_call is not None and self.calls >= m.inf_at_call and lp.dim() == 2:
+            lp = lp * 0 + torch.tensor([-3e38] + [3e38] * (lp.shape[1] - 1))  # margin -inf; keeps the graph
         with torch.no_grad():
             ref = self.reference(x) if loss.needs_reference else None
         lengths = torch.full_like(lp, 3.0) if loss.needs_lengths else None
