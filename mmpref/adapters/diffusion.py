@@ -106,6 +106,25 @@ class DiffusionModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- datasets
+class _TrainSet(Dataset):
+    """The training set handed out by ``train_dataset``; ``setup()`` fills it in.
+
+    The engine may build its DataLoader before ``setup()`` (only ``len`` is read then): until then the length is
+    that of the index; ``skip_invalid`` may shrink it in ``setup()``.
+    """
+
+    def __init__(self, n: int):
+        self.n, self.inner = n, None
+
+    def __len__(self) -> int:
+        return self.n if self.inner is None else len(self.inner)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.inner is None:
+            raise RuntimeError("the diffusion training set is filled by adapter.setup(accelerator, loss)")
+        return self.inner[i]
+
+
 class _CachedGroups(Dataset):
     """Groups as cached tensors: posterior ``(1+K, C, H, W)`` x2 and the prompt's encoding."""
 
@@ -181,8 +200,9 @@ class DiffusionAdapter(Adapter):
         self.reference = self._build_reference()
         self.policy = self._build_policy()
         self.device = torch.device("cpu")
+        # None: the global RNG, seeded per process by the engine and saved in its checkpoints (exact resume)
         self.generator: torch.Generator | None = None
-        self._dataset: Dataset | None = None
+        self._dataset = _TrainSet(len(self.index.groups))
         self._uncond: tuple[Tensor, Tensor] | None = None
         self._last: dict[str, Tensor] = {}
         self._wave_latent_shape: tuple[int, ...] | None = None
@@ -217,14 +237,10 @@ class DiffusionAdapter(Adapter):
 
     @property
     def train_dataset(self) -> Dataset:
-        if self._dataset is None:
-            raise RuntimeError("DiffusionAdapter.train_dataset is built in setup(): call adapter.setup() first")
         return self._dataset
 
     def setup(self, accelerator: Any, loss: LossRequirements | None = None) -> None:
         self.device = accelerator.device
-        seed = self.cfg.train.seed * 1000 + accelerator.process_index  # independent noise per process
-        self.generator = torch.Generator(self.device).manual_seed(seed)
         self.pipe.text_encoder.to(self.device)
         self.pipe.vae.to(self.device)
         self.pipe.log_mel.to(self.device)
@@ -251,7 +267,7 @@ class DiffusionAdapter(Adapter):
         if not self.mcfg.cache:
             issues = self._validate_all()
             groups = self._usable_groups(issues)
-            self._dataset = _AudioGroups(self.index, groups, self.pipe.mel_config.sample_rate,
+            self._dataset.inner = _AudioGroups(self.index, groups, self.pipe.mel_config.sample_rate,
                                          samples_for(self.dcfg.duration_s, self.pipe.mel_config))
             return groups
         directory, fp = default_cache_dir(self.dcfg), self.cache_fingerprint()
@@ -269,7 +285,7 @@ class DiffusionAdapter(Adapter):
                 for p, clips in groups]
         latents = ShardReader(directory, meta["latent_shards"], meta["shard_size"])
         text = ShardReader(directory, meta["text_shards"], meta["shard_size"])
-        self._dataset = _CachedGroups(rows, latents, text)
+        self._dataset.inner = _CachedGroups(rows, latents, text)
         empty = prompt_row[""]
         self._uncond = (text.row(empty, "hidden"), text.row(empty, "mask"))
         return groups
@@ -401,8 +417,6 @@ class DiffusionAdapter(Adapter):
     def _draw(self, batch: dict, members: int, training: bool) -> dict[str, Tensor]:
         """All randomness of one step, drawn once per group (posterior samples per member, in a fixed order)."""
         g = self.generator
-        if g is None:
-            raise RuntimeError("call adapter.setup(accelerator, loss) before scores()")
         b = (batch["mean"] if "mean" in batch else batch["wave"]).shape[0]
         shape = self._latent_shape(batch)
         eps = torch.randn((b, members, *shape), generator=g, device=self.device)

@@ -43,9 +43,9 @@ def plan_phases(cfg: TrainConfig, batches_per_epoch: int) -> list[Phase]:
     for i, (spec, n) in enumerate(zip(specs, lengths)):
         end = min(total, start + n) if n is not None else total
         if end <= start:
-            if i == 0 or n is None:
-                raise ConfigError(f"phases.{i} ({spec.name!r}) would get no steps: the run ends at step {total}")
-            break  # train.max_steps cut the recipe short
+            if run.max_steps is not None and i > 0:
+                break  # train.max_steps cut the recipe short, on purpose
+            raise ConfigError(f"phases.{i} ({spec.name!r}) would get no steps: the run ends at step {total}")
         phases.append(Phase(i, spec.name, spec.loss, start, end))
         start = end
     return phases
