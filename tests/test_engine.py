@@ -1,0 +1,140 @@
+"""The training engine on the toy adapter (CPU, one process): phases, accumulation, exact resume, failures."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.toy import toy_config
+from safetensors.torch import load_file
+
+from mmpref.config import config_from_dict
+from mmpref.training import TrainingError, phase_at, plan_phases, train
+from mmpref.training.checkpoint import complete_checkpoints
+
+
+def run(raw: dict):
+    return train(config_from_dict(raw))
+
+
+def losses(result) -> list[tuple[int, str, float]]:
+    rows = [json.loads(line) for line in Path(result.metrics_file).read_text().splitlines()]
+    return [(r["step"], r["phase"], r["loss"]) for r in rows if "loss" in r]
+
+
+def final_params(result) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(result.final_dir) / "model.safetensors"))
+
+
+def calls(out: Path, rank: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (out / f"toy-calls-rank{rank}.jsonl").read_text().splitlines()]
+
+
+# ----- the phase plan ------------------------------------------------------------------------------------------------
+def test_phase_plan_is_a_function_of_the_step(tmp_path: Path):
+    phases = [{"name": "sft", "loss": "sft", "epochs": 1}, {"name": "dpo", "loss": "dpo"}]
+    cfg = config_from_dict(toy_config(tmp_path, phases=phases, train={"grad_accum": 2, "epochs": 3}))
+    plan = plan_phases(cfg, batches_per_epoch=5)  # 1 epoch = ceil(5 / 2) = 3 optimizer steps
+    assert [(p.name, p.start, p.end) for p in plan] == [("sft", 0, 3), ("dpo", 3, 8)]  # run: ceil(3 * 5 / 2) = 8
+    assert [phase_at(plan, s).name for s in range(8)] == ["sft"] * 3 + ["dpo"] * 5
+    capped = config_from_dict(toy_config(tmp_path, phases=phases, train={"max_steps": 2}))
+    assert [(p.name, p.start, p.end) for p in plan_phases(capped, 5)] == [("sft", 0, 2)]  # max_steps caps the recipe
+    sized = [{"name": "a", "loss": "sft", "max_steps": 2}, {"name": "b", "loss": "dpo", "epochs": 0.5}]
+    cfg = config_from_dict(toy_config(tmp_path, phases=sized))
+    assert [(p.start, p.end) for p in plan_phases(cfg, 4)] == [(0, 2), (2, 4)]  # all sized: their sum
+
+
+def test_phase_switch_happens_at_the_planned_step(tmp_path: Path):
+    phases = [{"name": "sft", "loss": {"sft": 1.0}, "epochs": 1}, {"name": "dpo", "loss": {"dpo": {"beta": 0.5}}}]
+    res = run(toy_config(tmp_path, phases=phases, train={"grad_accum": 2, "epochs": 2}))
+    # 16 rows / batch 4 = 4 micro-batches per epoch = 2 optimizer steps of 2 micro-batches
+    assert [c["loss"] for c in calls(Path(res.output_dir))] == ["sft"] * 4 + ["dpo"] * 4
+    assert [(s, p) for s, p, _ in losses(res)] == [(1, "sft"), (2, "sft"), (3, "dpo"), (4, "dpo")]
+    assert res.step == 4 and res.metrics["phase"] == "dpo"
+
+
+# ----- gradient accumulation -----------------------------------------------------------------------------------------
+def test_grad_accumulation_matches_a_bigger_batch(tmp_path: Path):
+    big = run(toy_config(tmp_path / "a", train={"batch_size": 4, "grad_accum": 1, "epochs": 2}))
+    acc = run(toy_config(tmp_path / "b", train={"batch_size": 2, "grad_accum": 2, "epochs": 2}))
+    assert len(losses(big)) == len(losses(acc)) == 8
+    for (_, _, a), (_, _, b) in zip(losses(big), losses(acc)):
+        assert a == pytest.approx(b, abs=1e-6)
+    for k, v in final_params(big).items():
+        torch.testing.assert_close(v, final_params(acc)[k], atol=1e-6, rtol=0)
+
+
+# ----- exact resume --------------------------------------------------------------------------------------------------
+def resume_config(tmp_path: Path, **model) -> dict:
+    """sft for 4 steps then bco (stateful: a running reward shift), noisy scores (RNG), mid-epoch checkpoints."""
+    phases = [{"name": "sft", "loss": {"sft": 1.0}, "max_steps": 4}, {"name": "bco", "loss": {"bco": {"beta": 0.5}}}]
+    train = {"grad_accum": 2, "max_steps": 9, "save_every": 3, "keep_checkpoints": 3}
+    return toy_config(tmp_path, phases=phases, model={"noise": 0.1, **model}, train=train, optim={"warmup_steps": 2})
+
+
+def test_resume_after_a_crash_reproduces_the_loss_curve(tmp_path: Path):
+    whole = run(resume_config(tmp_path / "whole"))
+
+    crashed = resume_config(tmp_path / "crash", fail_at_call=9)  # step 5's first micro-batch
+    with pytest.raises(TrainingError, match=r"step 5 \(phase 'bco'\) failed: RuntimeError: simulated crash"):
+        run(crashed)
+    out = Path(crashed["train"]["output_dir"])
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-00000003"]
+    # debris a crash can leave: a half-written temp dir and a directory without the `complete` marker
+    shutil.copytree(out / "checkpoint-00000003", out / "checkpoint-00000006.tmp")
+    (out / "checkpoint-00000006.tmp" / "complete").unlink()
+    (out / "checkpoint-00000008").mkdir()
+    (out / "checkpoint-00000008" / "model.safetensors").write_text("garbage")
+
+    resumed = run(resume_config(tmp_path / "crash"))  # same config, no crash: continues from step 3 (mid-epoch)
+    assert resumed.step == whole.step == 9
+    got, want = losses(resumed), losses(whole)
+    assert [(s, p) for s, p, _ in got] == [(s, p) for s, p, _ in want]  # no duplicated or missing steps
+    for (_, _, a), (_, _, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-6)
+    for k, v in final_params(whole).items():
+        torch.testing.assert_close(final_params(resumed)[k], v, atol=1e-6, rtol=0)
+    # the resumed run replays the same data: the toy's call log after the crash equals the whole run's from step 4
+    replay = [c["idx"] for c in calls(out)][8 + 0 :]  # calls 1-8 crashed run (steps 1-4), then the resumed run
+    assert replay[: len(calls(Path(whole.output_dir))[6:])] != []  # sanity
+    assert [c["idx"] for c in calls(out)][-12:] == [c["idx"] for c in calls(Path(whole.output_dir))][6:]
+
+
+def test_rerunning_a_finished_run_is_a_no_op(tmp_path: Path):
+    raw = toy_config(tmp_path, train={"max_steps": 3})
+    first = run(raw)
+    again = run(raw)
+    assert again.step == 3 and len(calls(Path(first.output_dir))) == 3  # no new batches were scored
+    assert losses(again) == losses(first)
+
+
+def test_keeps_the_last_n_checkpoints(tmp_path: Path):
+    res = run(toy_config(tmp_path, train={"max_steps": 5, "save_every": 1, "keep_checkpoints": 2}))
+    assert [p.name for p in complete_checkpoints(Path(res.output_dir))] == ["checkpoint-00000004", "checkpoint-00000005"]
+    assert res.checkpoint.endswith("checkpoint-00000005")
+    assert not list(Path(res.output_dir).glob("*.tmp"))
+
+
+# ----- failures ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("failure", ["nan_at_call", "inf_at_call"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, failure: str):
+    raw = toy_config(tmp_path, model={failure: 7}, train={"max_steps": 10, "save_every": 2})
+    with pytest.raises(TrainingError, match=r"step 7 \(phase 'train'\)") as e:
+        run(raw)
+    assert "NaN" in str(e.value) or "non-finite" in str(e.value)
+    out = Path(raw["train"]["output_dir"])
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-00000004", "checkpoint-00000006"]
+    assert not (out / "final").exists() and not list(out.glob("*.tmp"))
+    weights = load_file(str(out / "checkpoint-00000006" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_eval_and_result(tmp_path: Path):
+    res = run(toy_config(tmp_path, data={"eval_rows": 8}, train={"max_steps": 4, "eval_every": 2}))
+    rows = [json.loads(line) for line in Path(res.metrics_file).read_text().splitlines()]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval/rewards/accuracies"] >= 0 for r in evals)
+    assert res.metrics["step"] == 4 and "rewards/margins" in res.metrics and "grad_norm" in res.metrics
+    assert (Path(res.output_dir) / "config.yaml").exists() and (Path(res.final_dir) / "model.safetensors").exists()
