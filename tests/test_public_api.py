@@ -1,0 +1,21 @@
+"""The public API: every re-exported name resolves, and ``import mmpref`` stays light."""
+
+import subprocess
+import sys
+
+import pytest
+
+import mmpref
+
+
+@pytest.mark.parametrize("name", mmpref.__all__)
+def test_every_export_resolves_to_its_definition(name):
+    value = getattr(mmpref, name)
+    assert getattr(value, "__name__", name) == name
+
+
+def test_import_is_light_and_unknown_names_fail():
+    code = "import sys, mmpref; print('diffusers' in sys.modules, 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False"] * 2
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mmpref.nope  # noqa: B018
