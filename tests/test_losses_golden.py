@@ -152,9 +152,10 @@ def test_rpo_combination_golden():
     assert out.loss.item() == pytest.approx(-ls(0.15) + 0.005 * 1.0, rel=1e-12)
 
 
-def test_docs_table_has_one_row_per_loss():
+@pytest.mark.parametrize("doc", ["docs/losses.md", "README.md"])
+def test_docs_table_has_one_row_per_loss(doc):
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
-    rows = [line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")]
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    rows = [line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")]
     assert sorted(rows) == available_losses()
