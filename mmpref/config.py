@@ -98,6 +98,18 @@ class ConfigError(ValueError):
     """A bad configuration; the message names the file and the dotted key."""
 
 
+def check_source(value: str, key: str, what: str) -> None:
+    """Fail early, naming ``key``, when ``value`` is meant as a local path but does not exist.
+
+    A value is a hub id only if it looks like one (``name`` or ``org/name``); anything else (absolute, ``./``,
+    ``~``, or with more than one ``/``) is a local path. Without this, a typo reaches the hub client and comes back
+    as an unrelated "Repo id must be in the form ..." error.
+    """
+    local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.path.exists(value)
+    if local and not os.path.exists(os.path.expanduser(value)):
+        raise FileNotFoundError(f"{key}: {value!r} does not exist; expected {what}. Set it with {key}=PATH")
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML, optionally with ``defaults: [base.yaml, ...]``), apply ``key.sub=value`` overrides, type it.
 

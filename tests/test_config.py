@@ -127,3 +127,14 @@ def test_bad_yaml_names_file(tmp_path: Path):
     (tmp_path / "x.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match=r"x\.yaml: invalid YAML"):
         load_config(tmp_path / "x.yaml")
+
+
+def test_missing_local_sources_name_their_key(tmp_path: Path):
+    from mmpref.config import check_source
+
+    with pytest.raises(FileNotFoundError, match=r"model.path: '/nope/model' does not exist.*model.path=PATH"):
+        check_source("/nope/model", "model.path", "a model folder")
+    with pytest.raises(FileNotFoundError, match="data.path: 'runs/x/prefs.jsonl'"):
+        check_source("runs/x/prefs.jsonl", "data.path", "a file")  # two slashes: a path, not a hub id
+    check_source("org/name", "model.path", "a hub id")  # looks like a hub id: left to the hub client
+    check_source(str(tmp_path), "model.path", "a folder")

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmpref.adapters.base import Adapter, LossRequirements
 from mmpref.audio import normalize_wave, samples_for
+from mmpref.config import check_source
 from mmpref.data.audio import (
     AudioIssue,
     AudioPreferenceDataConfig,
@@ -550,6 +551,7 @@ def load_pipeline(mcfg: DiffusionModelConfig, path: str | None = None) -> Any:
     source = path or mcfg.pipeline
     if source in PRESETS:
         return TangoPipeline.from_preset(source, seed=mcfg.preset_seed, tokenizer=mcfg.tokenizer)
+    check_source(source, "model.pipeline", f"a TangoPipeline folder or a preset name ({', '.join(PRESETS)})")
     return TangoPipeline.from_pretrained(source)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmpref.config import TrainConfig
+from mmpref.config import TrainConfig, check_source
 from mmpref.data.llm import LLMDataConfig, load_llm_data
 from mmpref.losses import Scores, build_loss
 
@@ -124,6 +124,11 @@ class LLMAdapter(Adapter):
         self.needs_kl = any(o.needs_kl for o in objectives)
         self.needs_reference = any(o.needs_reference or o.needs_kl for o in objectives)
         self.ref_mode = self._check_reference_mode(cfg, self.needs_reference)
+        check_source(self.mcfg.path, "model.path", "a causal LM folder saved with save_pretrained, or a hub id")
+        if self.mcfg.tokenizer:
+            check_source(self.mcfg.tokenizer, "model.tokenizer", "a tokenizer folder or a hub id")
+        if cfg.reference.path:
+            check_source(cfg.reference.path, "reference.path", "a causal LM folder or a hub id")
         self.tokenizer = AutoTokenizer.from_pretrained(self.mcfg.tokenizer or self.mcfg.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmpref.audio import AudioFileError, load_audio, resample, save_audio
+from mmpref.config import check_source
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SCHEMAS = ("auto", "audio_alpaca", "grouped")
@@ -221,6 +222,7 @@ def _load_table(cfg: AudioPreferenceDataConfig) -> tuple[Any, Path | None, str]:
     src = cfg.path
     if src.startswith("tiny:"):
         src = str(_tiny_source(src))
+    check_source(src, "data.path", "a JSON/JSONL/Parquet/CSV file, a dataset folder, a hub id or tiny:N[:K]")
     path = Path(src)
     if path.is_file():
         if path.suffix.lower() not in _BUILDERS:

@@ -24,6 +24,8 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from mmpref.config import check_source
+
 logger = logging.getLogger(__name__)
 
 SCHEMAS = ("auto", "pairs", "sets", "unpaired", "conversational")
@@ -292,6 +294,7 @@ def load_llm_data(
         raise ValueError(f"data.schema must be one of {list(SCHEMAS)}; got {cfg.schema!r}")
     if not cfg.path:
         raise ValueError("data.path is required (a local JSON/JSONL/Parquet/CSV file, a directory, or a hub id)")
+    check_source(cfg.path, "data.path", "a JSON/JSONL/Parquet/CSV file, a folder of them, or a hub dataset id")
     train = prepare_split(
         load_split(cfg.path, cfg.split, cfg.format), tokenizer, cfg, f"{cfg.path} [{cfg.split}]", unpaired, with_kl
     )
