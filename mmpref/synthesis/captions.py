@@ -1,0 +1,243 @@
+"""Caption parsing: sound events and the temporal relations between them.
+
+AudioCaps-style captions chain event clauses with a small set of connectors ("A man speaks, then a dog barks while
+birds chirp"). The parser splits on those connectors (rule-based, deterministic: no model, no randomness) and
+derives a time order: ``then``/``followed by``/``before`` put the next event later, ``after`` earlier, and
+``while``/``as``/``and``/commas at the same time. The :class:`CaptionParse` is returned as-is so users can inspect
+what a perturbation will work on (``parse_caption(text).to_dict()``).
+
+A clause without its own subject ("A car engine revs *then accelerates away*") inherits the subject of the clause
+before it, so it can be rendered on its own ("a car engine accelerates away") when perturbations move or drop events.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import asdict, dataclass, field
+
+# connector -> relation between the event before it (A) and the event after it (B)
+BEFORE, AFTER, SAME = "before", "after", "simultaneous"  # A before B / A after B / A with B
+CONNECTORS: dict[str, str] = {
+    "and then": BEFORE,
+    "then": BEFORE,
+    "followed by": BEFORE,
+    "before": BEFORE,
+    "after": AFTER,
+    "while": SAME,
+    "as": SAME,
+    "and": SAME,
+    ",": SAME,
+}
+TEMPORAL_CONNECTORS = frozenset({"and then", "then", "followed by", "before", "after", "while", "as"})
+
+# ", and then" / ", then" / ", and" count as the word connector; longest alternatives first
+_SPLIT = re.compile(
+    r"\s*,\s*(?:and\s+then|then|followed\s+by|and|while|as|before|after)?\s+"
+    r"|\s+(and\s+then|then|followed\s+by|before|after|while|as|and)\s+",
+    re.IGNORECASE,
+)
+DETERMINERS = frozenset(
+    "a an the some someone somebody several many multiple few two three people person man men woman women "
+    "child children kids baby crowd group he she they it something another one".split()
+)
+ARTICLES = frozenset("a an the some several many multiple few two three another".split())
+STOPWORDS = frozenset(
+    "a an the of in on at by with from to into over under near far and or is are being as while then before after "
+    "followed some several many multiple few loud loudly quiet quietly soft softly distant distance nearby "
+    "background foreground repeatedly continuously briefly once twice low high pitched rapid rapidly slow slowly "
+    "sound sounds noise noises small large big little young old away up down off out around by itself there "
+    "here outside inside very also".split()
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One sound event: ``text`` as written in the caption, ``subject`` inherited from the clause before (if any)."""
+
+    text: str
+    subject: str | None = None
+
+    @property
+    def standalone(self) -> str:
+        """The clause with its inherited subject, so it reads on its own ("a car engine accelerates away")."""
+        return f"{self.subject} {self.text}" if self.subject else self.text
+
+    @property
+    def concepts(self) -> frozenset[str]:
+        """Content-word stems of the clause (with its subject): what 'keeps a concept' is measured on."""
+        return content_stems(self.standalone)
+
+
+@dataclass(frozen=True)
+class CaptionParse:
+    """Events in caption order, the connector before each event (``""`` for the first) and the time order.
+
+    ``order`` lists groups of event indices, earliest first; events in one group overlap in time.
+    """
+
+    caption: str
+    events: tuple[Event, ...]
+    connectors: tuple[str, ...]
+    order: tuple[tuple[int, ...], ...] = field(default=())
+
+    @property
+    def has_order(self) -> bool:
+        """True when some event happens before another (a sequential caption)."""
+        return len(self.order) > 1
+
+    @property
+    def is_temporal(self) -> bool:
+        """True when the caption uses a temporal word (Tango 2's strategy 3 applies to these captions)."""
+        return any(c in TEMPORAL_CONNECTORS for c in self.connectors)
+
+    @property
+    def relations(self) -> list[tuple[int, str, int]]:
+        """``(i, relation, i + 1)`` for each pair of neighbouring events."""
+        return [(i - 1, CONNECTORS[c], i) for i, c in enumerate(self.connectors) if i > 0]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "relations": self.relations, "has_order": self.has_order}
+
+
+def stem(word: str) -> str:
+    """A crude, deterministic stem (barks/barking/barked -> bark) so related word forms match."""
+    w = word.lower()
+    if w.endswith("es") and not w[:-2].endswith(("s", "x", "z", "ch", "sh")):
+        w = w[:-1]  # whistles -> whistle (then kept), buzzes -> buzz
+    for suffix in ("ing", "ed", "es", "s"):
+        if len(w) > len(suffix) + 2 and w.endswith(suffix) and not w.endswith("ss"):
+            w = w[: -len(suffix)]
+            if suffix in ("ing", "ed") and len(w) > 3 and w[-1] == w[-2]:
+                w = w[:-1]  # running -> runn -> run
+            break
+    return w
+
+
+def content_stems(text: str) -> frozenset[str]:
+    words = re.findall(r"[a-z]+", text.lower())
+    return frozenset(stem(w) for w in words if w not in STOPWORDS and w not in DETERMINERS)
+
+
+def parse_caption(caption: str, known_nouns: frozenset[str] | None = None) -> CaptionParse:
+    """Split ``caption`` into events and connectors; see the module docstring.
+
+    ``known_nouns`` (stems) mark words that start a clause with its own subject ("insects buzz") even without a
+    determiner; default: the sound sources of the default concept vocabulary.
+    """
+    if known_nouns is None:
+        known_nouns = _default_nouns()
+    text = " ".join(caption.strip().rstrip(".!").split())
+    if not text:
+        raise ValueError("cannot parse an empty caption")
+    parts, connectors, pos = [], [""], 0
+    for m in _SPLIT.finditer(text):
+        parts.append(text[pos: m.start()])
+        connectors.append(_connector_of(m.group(0)))
+        pos = m.end()
+    parts.append(text[pos:])
+    events, merged = _to_events(parts, connectors, known_nouns)
+    return CaptionParse(caption, tuple(events), tuple(merged), _time_order(merged))
+
+
+@functools.cache
+def _default_nouns() -> frozenset[str]:
+    from mmpref.synthesis.vocabulary import Vocabulary
+
+    return Vocabulary.default().nouns
+
+
+def _connector_of(separator: str) -> str:
+    words = " ".join(re.findall(r"[a-z]+", separator.lower()))
+    return words if words else ","
+
+
+def _to_events(parts: list[str], connectors: list[str], known_nouns: frozenset[str]) -> tuple[list[Event], list[str]]:
+    """Events from the split clauses; empty clauses (", and" at the very end) are dropped with their connector."""
+    events: list[Event] = []
+    kept: list[str] = []
+    for part, conn in zip(parts, connectors):
+        part = part.strip(" ,;")
+        if not part:
+            continue
+        subject = None
+        if events and not _has_subject(part, known_nouns):
+            prev = events[-1]
+            subject = prev.subject or _subject_of(prev.text, known_nouns)
+        events.append(Event(part, subject))
+        kept.append(conn if kept else "")
+    return events, kept
+
+
+def _has_subject(clause: str, known_nouns: frozenset[str]) -> bool:
+    """A clause has its own subject unless it starts with a verb-like word ('accelerates', 'tweeting')."""
+    first = clause.split()[0].lower()
+    if first in DETERMINERS or stem(first) in known_nouns:
+        return True
+    return not (first.endswith("s") or first.endswith("ing") or first.endswith("ed"))
+
+
+def _subject_of(clause: str, known_nouns: frozenset[str]) -> str | None:
+    """The words before the clause's verb: up to the first verb-like word after the first noun-ish word."""
+    words = clause.split()
+    for i in range(1, len(words)):
+        w = words[i].lower()
+        if stem(w) in known_nouns and i + 1 < len(words):
+            continue
+        if w.endswith("s") or w.endswith("ing") or w.endswith("ed"):
+            prev = words[i - 1].lower()
+            if prev in ARTICLES:  # "a bus" -> 'bus' is the noun, not the verb
+                continue
+            return " ".join(words[:i]).lower() if words[0].lower() in DETERMINERS else " ".join(words[:i])
+    return None
+
+
+def _time_order(connectors: list[str] | tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """Groups of simultaneous events, earliest first, from the chain of pairwise relations."""
+    groups: list[list[int]] = [[0]]
+    current = 0  # index of the group holding the last event
+    for i, conn in enumerate(connectors[1:], start=1):
+        rel = CONNECTORS[conn]
+        if rel == SAME:
+            groups[current].append(i)
+        elif rel == BEFORE:
+            current += 1
+            groups.insert(current, [i])
+        else:  # AFTER: event i happened before the previous one
+            groups.insert(current, [i])
+    return tuple(tuple(g) for g in groups)
+
+
+def render(events: list[Event] | tuple[Event, ...], connectors: list[str] | tuple[str, ...]) -> str:
+    """Join events with connectors into a caption (first letter upper-case, inherited subjects made explicit
+    where an event no longer follows the clause it borrowed its subject from)."""
+    out, prev = "", None
+    for i, (ev, conn) in enumerate(zip(events, connectors)):
+        borrowed_from_prev = prev is not None and ev.subject and prev.standalone.lower().startswith(ev.subject.lower())
+        text = ev.text if borrowed_from_prev else ev.standalone
+        prev = ev
+        if i == 0:
+            out = text
+            continue
+        first, _, rest = text.partition(" ")
+        if not (first.isupper() and len(first) > 1):  # keep acronyms ("TV"), lower-case a moved first word
+            text = f"{first[:1].lower()}{first[1:]} {rest}".strip()
+        if conn == ",":
+            out += ", " + text
+        else:
+            out += f" {conn} {text}"
+    return out[:1].upper() + out[1:]
+
+
+__all__ = [
+    "AFTER",
+    "BEFORE",
+    "CONNECTORS",
+    "SAME",
+    "CaptionParse",
+    "Event",
+    "content_stems",
+    "parse_caption",
+    "render",
+    "stem",
+]
