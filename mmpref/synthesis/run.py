@@ -1,0 +1,392 @@
+"""``mmpref synth``: captions -> perturbed captions -> Tango audio -> CLAP scores -> filtered preference sets.
+
+Work is split into shards of ``shard_size`` captions. A shard folder ``shards/shard_NNNNN/`` holds its audio, a
+``records.jsonl`` (every candidate with its caption, strategy, seed, steps and scores) and, written last, a
+``done.json`` with the settings fingerprint, the records' sha256 and every audio file's size. A shard counts as
+finished only when all of those check out; anything else (a kill mid-shard, a truncated file) is deleted and
+redone. Filters and K are applied at the merge, from the recorded scores, so changing thresholds re-merges without
+regenerating audio. Processes (``accelerate launch``) take shards round-robin; the main process merges.
+
+Outputs in ``output_dir``: ``dataset/`` (datasets ``save_to_disk``), ``grouped.jsonl`` (prompt, chosen,
+rejected[K], strategy, ...), ``pairs.jsonl`` (Audio-Alpaca: prompt, chosen, rejected, strategy), ``candidates.jsonl``,
+``settings.json``, ``report.json`` and ``scores.png``. Audio paths are relative to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmpref.synthesis.config import SynthConfig, load_synth_config
+from mmpref.synthesis.filters import FilterThresholds, filter_decisions, filter_names
+from mmpref.synthesis.perturb import PERTURBATION_STRATEGIES, Perturbation, Perturber, RuleBasedPerturber
+
+MANIFEST = "manifest.json"
+DONE = "done.json"
+RECORDS = "records.jsonl"
+FORMAT_VERSION = 1
+
+__all__ = ["SynthConfig", "SynthResult", "load_synth_config", "main", "read_captions", "run_synthesis"]
+
+
+@dataclass
+class SynthResult:
+    output_dir: Path
+    dataset_dir: Path
+    grouped_jsonl: Path
+    pairs_jsonl: Path
+    report: dict = field(default_factory=dict)
+    report_json: Path | None = None
+    histogram_png: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def read_captions(path: str | os.PathLike) -> list[str]:
+    """Captions from a text file (one per line, blank lines skipped) or jsonl (``caption`` field)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise FileNotFoundError(f"captions: cannot read {path}: {e}") from None
+    if path.suffix.lower() != ".jsonl":
+        return [ln.strip() for ln in lines if ln.strip()]
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        cap = row.get("caption") if isinstance(row, dict) else None
+        if not isinstance(cap, str) or not cap.strip():
+            raise ValueError(f"{path}:{n}: needs a non-empty string field 'caption'")
+        out.append(cap.strip())
+    return out
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def generation_settings(cfg: SynthConfig, pipeline_id: str, scorer_ids: dict[str, dict]) -> dict:
+    """Everything that changes a shard's audio or scores (not the filters or K: those apply at the merge)."""
+    return {
+        "version": FORMAT_VERSION,
+        "pipeline": pipeline_id,
+        "generation": asdict(cfg.generation),
+        "strategies": list(cfg.strategies),
+        "perturb": asdict(cfg.perturb),
+        "scorers": scorer_ids,
+        "audio_format": cfg.audio_format,
+        "shard_size": cfg.shard_size,
+        "mixed_precision": cfg.mixed_precision,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int
+    end: int
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return f"shard_{self.index:05d}"
+
+
+def plan_shards(captions: list[str], shard_size: int, settings_fp: str) -> list[Shard]:
+    return [Shard(i, s, min(s + shard_size, len(captions)), _hash([settings_fp, captions[s: s + shard_size]]))
+            for i, s in enumerate(range(0, len(captions), shard_size))]
+
+
+def shard_is_complete(shard_dir: Path, shard: Shard) -> bool:
+    """done.json present and matching: fingerprint, records checksum, and every audio file at its size."""
+    try:
+        done = json.loads((shard_dir / DONE).read_text())
+        if done.get("fingerprint") != shard.fingerprint:
+            return False
+        if _file_sha(shard_dir / RECORDS) != done["records_sha256"]:
+            return False
+        return all((shard_dir / rel).stat().st_size == size for rel, size in done["audio_sizes"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _seed(base: int, caption_index: int, role: int, j: int) -> int:
+    """A per-candidate seed depending only on (base seed, caption, role, candidate): shard/process independent."""
+    return int(np.random.SeedSequence([base, caption_index, role, j]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def build_candidates(cfg: SynthConfig, index: int, caption: str, perturber: Perturber,
+                     parse_fn) -> list[dict]:
+    """The original-caption samples and the perturbed captions of one caption (no audio yet)."""
+    g = cfg.generation
+    n_orig = g.samples_per_caption if "resample" in cfg.strategies else 1
+    out = []
+    for j in range(n_orig):
+        steps = g.resample_steps[j % len(g.resample_steps)] if g.resample_steps else g.steps
+        out.append({"id": f"c{index:06d}_o{j}", "role": "original", "text": caption, "strategy": "resample",
+                    "operation": "sample", "detail": "", "steps": steps, "seed": _seed(g.seed, index, 0, j)})
+    parse = parse_fn(caption)
+    seen = {caption.lower()}
+    perturbations: list[Perturbation] = []
+    for strategy in PERTURBATION_STRATEGIES:
+        if strategy in cfg.strategies:
+            for p in perturber.perturb(parse, strategy, cfg.perturb.max_perturbations):
+                if p.caption.lower() not in seen:
+                    seen.add(p.caption.lower())
+                    perturbations.append(p)
+    for k, p in enumerate(perturbations):
+        out.append({"id": f"c{index:06d}_p{k}", "role": "perturbed", "text": p.caption, "strategy": p.strategy,
+                    "operation": p.operation, "detail": p.detail, "steps": g.steps, "seed": _seed(g.seed, index, 1, k)})
+    for c in out:
+        c.update(caption_index=index, prompt=caption)
+    return out
+
+
+class _Models:
+    """The pipeline and scorers, loaded on first use (a finished run merges without loading any model)."""
+
+    def __init__(self, cfg: SynthConfig, pipeline, scorers, device):
+        self.cfg, self._pipeline, self._scorers, self.device = cfg, pipeline, scorers, device
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            self._pipeline = load_pipeline(self.cfg)
+            dtype = {"no": None, "fp16": "float16", "bf16": "bfloat16"}[self.cfg.mixed_precision]
+            import torch
+
+            if dtype:
+                self._pipeline.to(self.device, getattr(torch, dtype))
+            elif str(self.device) != "cpu":
+                self._pipeline.to(self.device)
+        return self._pipeline
+
+    @property
+    def scorers(self) -> dict:
+        if self._scorers is None:
+            self._scorers = load_scorers(self.cfg, self.device)
+        return self._scorers
+
+
+def load_pipeline(cfg: SynthConfig):
+    from mmpref.models.tango import TangoPipeline
+
+    if cfg.pipeline.startswith("preset:"):
+        return TangoPipeline.from_preset(cfg.pipeline.split(":", 1)[1], tokenizer=cfg.tokenizer)
+    return TangoPipeline.from_pretrained(cfg.pipeline)
+
+
+def load_scorers(cfg: SynthConfig, device) -> dict:
+    from mmpref.scoring import ClapScorer, tiny_clap_scorer
+
+    out = {}
+    for name, sc in cfg.scorers.items():
+        if sc.path.startswith("preset:tiny"):
+            seed = int(sc.path.split(":")[2]) if sc.path.count(":") == 2 else 0
+            out[name] = tiny_clap_scorer(seed, device=device, crop=sc.crop, batch_size=sc.batch_size)
+        else:
+            out[name] = ClapScorer(sc.path, device=device, crop=sc.crop, batch_size=sc.batch_size)
+    return out
+
+
+def _generate(pipeline, cfg: SynthConfig, cands: list[dict]) -> dict[str, np.ndarray]:
+    """Audio for every candidate, batched per step count; each sample seeded by its own generator."""
+    import torch
+
+    g = cfg.generation
+    waves: dict[str, np.ndarray] = {}
+    by_steps: dict[int, list[dict]] = {}
+    for c in cands:
+        by_steps.setdefault(c["steps"], []).append(c)
+    for steps, group in sorted(by_steps.items()):
+        for s in range(0, len(group), g.batch_size):
+            batch = group[s: s + g.batch_size]
+            gens = [torch.Generator().manual_seed(c["seed"]) for c in batch]
+            audio = pipeline([c["text"] for c in batch], duration_s=g.duration_s, num_inference_steps=steps,
+                             guidance_scale=g.guidance_scale, generator=gens, batch_size=len(batch))
+            waves.update({c["id"]: a for c, a in zip(batch, audio)})
+    return waves
+
+
+def process_shard(cfg: SynthConfig, shard: Shard, captions: list[str], shard_dir: Path, models: _Models,
+                  perturber: Perturber, parse_fn) -> None:
+    """Generate, score and record one shard; ``done.json`` is written last (atomically)."""
+    from mmpref.audio import save_audio
+
+    t0 = time.perf_counter()
+    if shard_dir.exists():
+        shutil.rmtree(shard_dir)  # a partial or stale shard: start it over
+    shard_dir.mkdir(parents=True)
+    cands = [c for i in range(shard.start, shard.end)
+             for c in build_candidates(cfg, i, captions[i], perturber, parse_fn)]
+    pipeline = models.pipeline
+    waves = _generate(pipeline, cfg, cands)
+    sr = pipeline.mel_config.sample_rate
+    for name, scorer in models.scorers.items():
+        scores = scorer([c["prompt"] for c in cands], [waves[c["id"]] for c in cands], sr)
+        for c, s in zip(cands, np.asarray(scores, dtype=np.float64)):
+            c.setdefault("scores", {})[name] = float(s)
+    sizes = {}
+    for c in cands:
+        rel = f"audio/{c['id']}.{cfg.audio_format}"
+        save_audio(shard_dir / rel, waves[c["id"]], sr)
+        sizes[rel] = (shard_dir / rel).stat().st_size
+        c["audio"] = f"shards/{shard.name}/{rel}"
+        c["sample_rate"] = sr
+    _atomic_write(shard_dir / RECORDS, _jsonl(cands))
+    done = {"fingerprint": shard.fingerprint, "records_sha256": _file_sha(shard_dir / RECORDS),
+            "audio_sizes": sizes, "captions": shard.end - shard.start, "candidates": len(cands),
+            "elapsed_s": time.perf_counter() - t0}
+    _atomic_write(shard_dir / DONE, json.dumps(done, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
+                  perturber: Perturber | None = None) -> SynthResult:
+    """Run (or resume) a synthesis; see the module docstring. ``pipeline``/``scorers`` given as objects replace
+    the config's paths (their identity for the fingerprint is their ``describe()`` / class name)."""
+    from accelerate import PartialState
+
+    from mmpref.scoring import describe_scorer
+    from mmpref.synthesis.vocabulary import Vocabulary
+
+    cfg.validate()
+    state = PartialState()
+    out = Path(cfg.output_dir)
+    captions = read_captions(cfg.captions)[: cfg.max_captions]
+    if not captions:
+        raise ValueError(f"captions: {cfg.captions} has no captions")
+    if scorers is not None and set(scorers) != set(cfg.scorers):
+        raise ValueError(f"scorers given {sorted(scorers)} must match the config's scorers {sorted(cfg.scorers)} "
+                         "(the config holds their filter thresholds)")
+    vocabulary = Vocabulary.load(cfg.perturb.vocabulary)
+    perturber = perturber or _default_perturber(cfg, vocabulary)
+    pipeline_id = cfg.pipeline if pipeline is None else f"in-memory {type(pipeline).__name__}"
+    scorer_ids = ({n: describe_scorer(s) for n, s in scorers.items()} if scorers is not None
+                  else {n: {"path": s.path, "crop": s.crop} for n, s in cfg.scorers.items()})
+    settings = generation_settings(cfg, pipeline_id, scorer_ids)
+    settings["perturber"] = type(perturber).__name__
+    shards = plan_shards(captions, cfg.shard_size, _hash(settings))
+    _check_manifest(out, settings, shards, state)
+
+    device = cfg.device or str(state.device)
+    models = _Models(cfg, pipeline, scorers, device)
+    t0 = time.perf_counter()
+    mine = [s for s in shards if s.index % state.num_processes == state.process_index]
+    done_now = []
+    for shard in mine:
+        shard_dir = out / "shards" / shard.name
+        if shard_is_complete(shard_dir, shard):
+            continue
+        process_shard(cfg, shard, captions, shard_dir, models, perturber,
+                      lambda c: parse_caption_with(vocabulary, c))
+        done_now.append(shard.index)
+    _atomic_write(out / "progress" / f"rank{state.process_index}.json",
+                  json.dumps({"rank": state.process_index, "world": state.num_processes, "shards": done_now,
+                              "wall_s": time.perf_counter() - t0}))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        from mmpref.synthesis.merge import merge
+
+        merge(cfg, out, shards, settings, scorer_ids, perturber, wall_s=time.perf_counter() - t0)
+    state.wait_for_everyone()
+    report = json.loads((out / "report.json").read_text())
+    return SynthResult(out, out / "dataset", out / "grouped.jsonl", out / "pairs.jsonl", report,
+                       out / "report.json", out / "scores.png")
+
+
+def parse_caption_with(vocabulary, caption: str):
+    from mmpref.synthesis.captions import parse_caption
+
+    return parse_caption(caption, vocabulary.nouns)
+
+
+def _default_perturber(cfg: SynthConfig, vocabulary) -> Perturber:
+    llm = cfg.perturb.llm
+    if llm is None:
+        return RuleBasedPerturber(vocabulary, cfg.perturb.seed)
+    from mmpref.synthesis.perturb import DEFAULT_LLM_PROMPT, LLMPerturber
+
+    return LLMPerturber(llm.path, llm.prompt or DEFAULT_LLM_PROMPT, llm.max_new_tokens, llm.temperature,
+                        llm.num_samples, cfg.perturb.seed, "rules" if llm.fallback_to_rules else None, vocabulary)
+
+
+def _check_manifest(out: Path, settings: dict, shards: list[Shard], state) -> None:
+    """Refuse to mix runs: an existing manifest must describe the same settings and captions."""
+    manifest = {"settings": settings, "settings_sha256": _hash(settings),
+                "shards": [asdict(s) for s in shards]}
+    path = out / MANIFEST
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old is not None and old.get("settings_sha256") != manifest["settings_sha256"]:
+            changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
+            raise ValueError(f"{out} holds a synthesis run with different settings (changed: {changed}); "
+                             "use a new output_dir or delete the old one")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _atomic_write(path, json.dumps(manifest, indent=1, default=str))
+    state.wait_for_everyone()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mmpref synth CONFIG [key=value ...]``."""
+    from mmpref.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: mmpref synth CONFIG [key=value ...]\n\n"
+              "Generate a synthetic audio preference set (configs/synth_*.yaml): perturb captions, generate audio\n"
+              "with a Tango pipeline, rank with CLAP, filter. Resumes in output_dir; multi-process:\n"
+              "accelerate launch -m mmpref.cli synth CONFIG")
+        return 0 if argv else 2
+    try:
+        cfg = load_synth_config(argv[0], argv[1:])
+        result = run_synthesis(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"mmpref synth: {err}", file=sys.stderr)
+        return 1
+    r = result.report
+    print(f"done: {r['pairs']} pairs ({r['pairs_per_strategy']}), {r['grouped_rows']} grouped rows; "
+          f"acceptance {r['acceptance']['rate']:.1%}; {r['throughput']['captions_per_s']:.2f} captions/s\n"
+          f"dataset: {result.dataset_dir}\ngrouped: {result.grouped_jsonl}\npairs: {result.pairs_jsonl}\n"
+          f"report: {result.report_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
