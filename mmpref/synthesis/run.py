@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from mmpref.synthesis.config import SynthConfig, load_synth_config
-from mmpref.synthesis.filters import FilterThresholds, filter_decisions, filter_names
 from mmpref.synthesis.perturb import PERTURBATION_STRATEGIES, Perturbation, Perturber, RuleBasedPerturber
 
 MANIFEST = "manifest.json"
