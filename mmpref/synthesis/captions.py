@@ -41,6 +41,7 @@ DETERMINERS = frozenset(
     "a an the some someone somebody several many multiple few two three people person man men woman women "
     "child children kids baby crowd group he she they it something another one".split()
 )
+PRONOUNS = frozenset("he she they it something one are is was were being been".split())
 ARTICLES = frozenset("a an the some several many multiple few two three another".split())
 STOPWORDS = frozenset(
     "a an the of in on at by with from to into over under near far and or is are being as while then before after "
@@ -116,7 +117,7 @@ def stem(word: str) -> str:
 
 def content_stems(text: str) -> frozenset[str]:
     words = re.findall(r"[a-z]+", text.lower())
-    return frozenset(stem(w) for w in words if w not in STOPWORDS and w not in DETERMINERS)
+    return frozenset(stem(w) for w in words if w not in STOPWORDS and w not in ARTICLES and w not in PRONOUNS)
 
 
 def parse_caption(caption: str, known_nouns: frozenset[str] | None = None) -> CaptionParse:

@@ -24,7 +24,8 @@ DEFAULT_VOCABULARY: dict[str, list[str]] = {
     ],
     "people": [
         "a man speaks", "a woman speaks", "a baby cries", "a child laughs", "a crowd cheers", "people applaud",
-        "a man coughs", "a woman sings", "someone whistles", "a girl screams", "a person sneezes", "people talk",
+        "a man coughs", "a woman sings", "someone whistles", "applause erupts", "a girl screams", "a person sneezes",
+        "people talk",
     ],
     "vehicles": [
         "a car engine revs", "a train passes", "a motorcycle accelerates", "a bus idles", "a truck honks its horn",
