@@ -124,11 +124,22 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key = key.strip()
         try:
-            _set_dotted(raw, key.split("."), yaml.safe_load(text))
+            _set_dotted(raw, key.split("."), _parse_override_value(text))
         except (KeyError, IndexError, TypeError) as e:
             raise ConfigError(f"override {item!r}: {e}") from None
         overridden[key] = item
     return config_from_dict(raw, source=str(path), overridden=overridden)
+
+
+# YAML 1.1 reads these as booleans; on a command line they are words (train.mixed_precision=no means "no")
+_YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _parse_override_value(text: str) -> Any:
+    """An override's value as YAML, except that only ``true``/``false`` are booleans (YAML 1.2)."""
+    if text.strip().lower() in _YAML11_BOOL_WORDS:
+        return text.strip()
+    return yaml.safe_load(text)
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overridden: Mapping[str, str] = ()) -> TrainConfig:
