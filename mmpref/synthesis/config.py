@@ -44,7 +44,8 @@ class LLMPerturbConfig:
 
 @dataclass
 class PerturbConfig:
-    vocabulary: str | None = None  # YAML/JSON {category: [event phrases]}; None: the built-in vocabulary
+    # {category: [event phrases]}, a flat list of phrases, or a YAML/JSON file of either; None: the built-in one
+    vocabulary: str | list[str] | dict[str, list[str]] | None = None
     max_perturbations: int = 5  # per caption and strategy (Tango 2: 5)
     seed: int = 0
     llm: LLMPerturbConfig | None = None

@@ -62,10 +62,13 @@ class Vocabulary:
         return cls({k: tuple(v) for k, v in DEFAULT_VOCABULARY.items()})
 
     @classmethod
-    def load(cls, source: str | os.PathLike | dict | None) -> Vocabulary:
-        """``None`` -> the default; a dict; or a YAML/JSON file ``{category: [phrases]}`` (errors name the file)."""
+    def load(cls, source: str | os.PathLike | dict | list | None) -> Vocabulary:
+        """``None`` -> the default; a dict ``{category: [phrases]}``; a flat list of phrases (one category); or a
+        YAML/JSON file holding either (errors name the file)."""
         if source is None:
             return cls.default()
+        if isinstance(source, list):
+            source = {"all": source}
         if isinstance(source, dict):
             raw, where = source, "<dict>"
         else:
@@ -75,6 +78,7 @@ class Vocabulary:
             except OSError as e:
                 raise ValueError(f"perturb.vocabulary: cannot read {where}: {e}") from None
             raw = json.loads(text) if where.endswith(".json") else yaml.safe_load(text)
+            raw = {"all": raw} if isinstance(raw, list) else raw
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"perturb.vocabulary {where}: expected a mapping {{category: [event phrases]}}")
         cats = {}
