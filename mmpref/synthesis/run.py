@@ -282,7 +282,7 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     from mmpref.synthesis.vocabulary import Vocabulary
 
     cfg.validate()
-    state = PartialState()
+    state = PartialState(cpu=_use_cpu(cfg))
     out = Path(cfg.output_dir)
     captions = read_captions(cfg.captions)[: cfg.max_captions]
     if not captions:
@@ -324,6 +324,15 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     report = json.loads((out / "report.json").read_text())
     return SynthResult(out, out / "dataset", out / "grouped.jsonl", out / "pairs.jsonl", report,
                        out / "report.json", out / "scores.png")
+
+
+def _use_cpu(cfg: SynthConfig) -> bool:
+    """CPU processes (gloo) when asked (device=cpu, ACCELERATE_USE_CPU=1) or when there is no GPU: PartialState
+    only forms a multi-process CPU group when told ``cpu=True``."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return cfg.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
 def parse_caption_with(vocabulary, caption: str):
@@ -379,6 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"mmpref synth: {err}", file=sys.stderr)
         return 1
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     r = result.report
     print(f"done: {r['pairs']} pairs ({r['pairs_per_strategy']}), {r['grouped_rows']} grouped rows; "
           f"acceptance {r['acceptance']['rate']:.1%}; {r['throughput']['captions_per_s']:.2f} captions/s\n"
