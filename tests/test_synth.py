@@ -237,6 +237,38 @@ def test_new_thresholds_refilter_without_regenerating(tmp_path, models, monkeypa
     assert second.report["acceptance"]["pass_rate_per_filter"]["clap.beta"] < 1.0
 
 
+def test_k_losers_per_group_from_the_same_shards(tmp_path, models, monkeypatch):
+    """K is applied at the merge: the K losers with the largest margin on the first scorer."""
+    pipeline, scorers = models
+    more = {"max_captions": 3, "perturb.max_perturbations": 3}
+    run_synthesis(small_cfg(tmp_path / "run", **more), pipeline, scorers)
+    spy = Spy(monkeypatch)
+    result = run_synthesis(small_cfg(tmp_path / "run", losers_per_prompt=2, **more), pipeline, scorers)
+    assert spy.calls == []
+    pairs = read_jsonl(result.pairs_jsonl)
+    grouped = read_jsonl(result.grouped_jsonl)
+    assert grouped and all(len(g["rejected"]) == 2 for g in grouped)
+    for g in grouped:
+        mine = [p for p in pairs if p["chosen"] == g["chosen"] and p["strategy"] == g["strategy"]]
+        margins = sorted((p["chosen_scores"]["clap"] - p["rejected_scores"]["clap"], p["rejected"]) for p in mine)
+        assert g["rejected"] == [r for _, r in sorted(margins, key=lambda m: -m[0])[:2]]
+
+
+def test_llm_perturber_from_config(tmp_path):
+    from mmpref.models.tiny import build_tiny_llama
+    from mmpref.synthesis.perturb import LLMPerturber
+    from mmpref.synthesis.vocabulary import Vocabulary
+
+    path = build_tiny_llama(tmp_path / "llm", ["a dog barks then a man speaks"] * 20, vocab_size=300)
+    cfg = small_cfg(tmp_path / "out", **{"perturb.llm": {"path": str(path), "max_new_tokens": 8,
+                                                         "num_samples": 2}})
+    perturber = synth_run._default_perturber(cfg, Vocabulary.default())
+    assert isinstance(perturber, LLMPerturber) and perturber.fallback is not None
+    parse = perturber.vocabulary and synth_run.parse_caption_with(perturber.vocabulary, "A dog barks then a man speaks")
+    out = perturber.perturb(parse, "temporal", 2)
+    assert len(out) == 2 and all(p.strategy == "temporal" for p in out)
+
+
 def test_changed_generation_settings_refuse_to_mix(tmp_path, models):
     pipeline, scorers = models
     run_synthesis(small_cfg(tmp_path / "run", max_captions=2), pipeline, scorers)
