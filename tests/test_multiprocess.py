@@ -76,8 +76,7 @@ def launched(tmp_path_factory) -> dict[str, Path]:
         {"config": _write(_llm_run(root / "llm"), root / "llm.yaml")},
         {  # the shipped tiny Tango 2 recipe, on 8 groups: 2 steps of SFT, then 2 of DPO (2 groups per process)
             "config": str(ROOT / "configs" / "tango2_dpo_tiny.yaml"),
-            "overrides": ["data.path=tiny:8:1", "train.batch_size=2", "phases.1.epochs=1",
-                          f"train.output_dir={runs['diffusion']}"],
+            "overrides": ["data.path=tiny:8:1", "train.batch_size=2", f"train.output_dir={runs['diffusion']}"],
         },
     ]
     (root / "plan.json").write_text(json.dumps(plan))
