@@ -82,16 +82,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ----- model, data, objectives --------------------------------------------------------------------------------
     set_seed(run.seed)  # identical initial weights on every process
     adapter = get_adapter_class(cfg.modality)(cfg)
+    losses = [build_loss(spec) for spec in [p.loss for p in cfg.phases] or [cfg.loss]]  # one per phase
+    adapter.setup(accelerator, _union(losses))  # once, for everything any phase needs
     loader = DataLoader(
-        adapter.train_dataset,
+        adapter.train_dataset,  # after setup: it may replace the dataset (e.g. add cached reference columns)
         batch_size=run.batch_size,
         shuffle=True,
         collate_fn=adapter.collate,
         num_workers=run.num_workers,
         generator=torch.Generator().manual_seed(run.seed),  # keeps DataLoader seeding off the global RNG
     )
-    losses = [build_loss(spec) for spec in [p.loss for p in cfg.phases] or [cfg.loss]]  # one per phase
-    adapter.setup(accelerator, _union(losses))  # once, for everything any phase needs
     optimizer = _adamw(adapter.policy, cfg.optim)
     policy, optimizer, loader = accelerator.prepare(adapter.policy, optimizer, loader)
     eval_loader = _eval_loader(accelerator, adapter, run)
