@@ -55,6 +55,23 @@ def test_relations_and_connectors_by_hand():
         parse_caption("  ")
 
 
+@pytest.mark.parametrize("caption,events,order", [
+    ("First a beep, then a bell rings, and finally a dog barks", ["a beep", "a bell rings", "a dog barks"],
+     [[0], [1], [2]]),
+    ("After a knock, a siren wails", ["a knock", "a siren wails"], [[0], [1]]),
+    ("While a low hum plays, a bird chirps", ["a low hum plays", "a bird chirps"], [[0, 1]]),
+    ("A dog barks, and later a man whistles", ["a dog barks", "a man whistles"], [[0], [1]]),
+    ("A dog barks following a bell", ["a dog barks", "a bell"], [[1], [0]]),
+    ("A beep preceded by a knock", ["a beep", "a knock"], [[1], [0]]),
+    ("Wind blows over a man speaking", ["wind blows", "a man speaking"], [[0, 1]]),
+])
+def test_more_connectors(caption, events, order):
+    """Connectors beyond the basic set, as the demo world and longer AudioCaps captions use them."""
+    parse = parse_caption(caption)
+    assert [e.standalone.lower() for e in parse.events] == events
+    assert [list(g) for g in parse.order] == order
+
+
 @pytest.mark.parametrize("row", MULTI, ids=[r["caption"][:40] for r in MULTI])
 def test_omit_drops_exactly_one_event(row):
     parse = parse_caption(row["caption"])

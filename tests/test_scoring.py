@@ -54,9 +54,8 @@ def test_resampling_to_48k_happens_inside(scorer):
 
 
 @pytest.mark.parametrize("crop", ["start", "center"])
-def test_long_clips_are_cropped_deterministically(crop):
-    model, processor = tiny_clap_parts(seed=0)
-    s = ClapScorer(model=model, processor=processor, crop=crop)
+def test_long_clips_are_cropped_deterministically(scorer, crop):
+    s = ClapScorer(model=scorer.model, processor=scorer.processor, crop=crop)
     long = waves(2, 3.0, sr=48000, seed=1)  # the tiny CLAP window is 2 s
     n = s.max_samples
     start = [0 if crop == "start" else (c.size - n) // 2 for c in long]

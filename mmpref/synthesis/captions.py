@@ -19,24 +19,21 @@ from dataclasses import asdict, dataclass, field
 # connector -> relation between the event before it (A) and the event after it (B)
 BEFORE, AFTER, SAME = "before", "after", "simultaneous"  # A before B / A after B / A with B
 CONNECTORS: dict[str, str] = {
-    "and then": BEFORE,
-    "then": BEFORE,
-    "followed by": BEFORE,
-    "before": BEFORE,
-    "after": AFTER,
-    "while": SAME,
-    "as": SAME,
+    **dict.fromkeys(["and then", "then", "followed by", "before", "and finally", "finally", "and later", "later",
+                     "after that", "afterwards"], BEFORE),
+    **dict.fromkeys(["after", "following", "preceded by"], AFTER),
+    **dict.fromkeys(["while", "as", "over", "during", "along with"], SAME),
     "and": SAME,
     ",": SAME,
 }
-TEMPORAL_CONNECTORS = frozenset({"and then", "then", "followed by", "before", "after", "while", "as"})
+TEMPORAL_CONNECTORS = frozenset(c for c in CONNECTORS if c not in ("and", ","))
 
 # ", and then" / ", then" / ", and" count as the word connector; longest alternatives first
-_SPLIT = re.compile(
-    r"\s*,\s*(?:and\s+then|then|followed\s+by|and|while|as|before|after)?\s+"
-    r"|\s+(and\s+then|then|followed\s+by|before|after|while|as|and)\s+",
-    re.IGNORECASE,
-)
+_WORDS = "|".join(c.replace(" ", r"\s+") for c in sorted(CONNECTORS, key=len, reverse=True) if c != ",")
+_SPLIT = re.compile(rf"\s*,\s*(?:{_WORDS})?\s+|\s+({_WORDS})\s+", re.IGNORECASE)
+# "after X, Y" = X then Y; "while X, Y" = X while Y; "first X, then Y": "first" only marks the start
+_LEADING = re.compile(r"^(after|while|as)\s+([^,]+),\s*(.+)$", re.IGNORECASE)
+_FIRST = re.compile(r"^first\s*,?\s+", re.IGNORECASE)
 DETERMINERS = frozenset(
     "a an the some someone somebody several many multiple few two three people person man men woman women "
     "child children kids baby crowd group he she they it something another one".split()
@@ -131,6 +128,11 @@ def parse_caption(caption: str, known_nouns: frozenset[str] | None = None) -> Ca
     text = " ".join(caption.strip().rstrip(".!").split())
     if not text:
         raise ValueError("cannot parse an empty caption")
+    text = _FIRST.sub("", text)
+    lead = _LEADING.match(text)
+    if lead:
+        word, first, rest = lead.groups()
+        text = f"{first} {'then' if word.lower() == 'after' else 'while'} {rest}"
     parts, connectors, pos = [], [""], 0
     for m in _SPLIT.finditer(text):
         parts.append(text[pos: m.start()])
