@@ -394,6 +394,10 @@ class DiffusionAdapter(Adapter):
         if need_ref and self.ref_mode == "none":
             raise ValueError(f"loss {getattr(loss, 'name', loss)!r} needs a reference but reference.mode=none")
         members = 1 if _winners_only(loss) else self._group_size(batch)
+        if members == 1 and not _winners_only(loss):
+            raise ValueError(f"the data has winners only (data.num_losers=0 or rejected: []); loss "
+                             f"{getattr(loss, 'name', loss)!r} compares winners with losers: use a winner-only "
+                             f"objective such as sft, or data with losers")
         draws = self._draw(batch, members, training=policy.training)
         chunks = [list(range(members))] if self.mcfg.grouped_forward or members == 1 else \
             [[0, k] for k in range(1, members)]  # Tango 2's way: the winner is re-encoded and re-denoised per pair

@@ -45,7 +45,8 @@ class AudioPreferenceDataConfig:
         (a synthetic set of N groups with K losers of 1 s tones, generated once under the cache root).
     duration_s: clip length the model trains on; waves are cropped / zero-padded to it (Tango: 10 s or 10.24 s).
     num_losers: K. None: every group must have the same K. An int: groups with more losers are split into
-        groups of K losers (K=1 gives Tango 2's pairs); groups with fewer are invalid.
+        groups of K losers (K=1 gives Tango 2's pairs); groups with fewer are invalid. 0: winners only (losers, if
+        any, are ignored; rows may have ``rejected: []``), for winner-only objectives such as an ``sft`` phase.
     length_tolerance_s: clips whose length differs from ``duration_s`` by more are invalid (None: no check).
     skip_invalid: False (default) refuses to start when any clip is missing / corrupt / silent / of the wrong
         length (all of them are reported with their paths); True drops the groups that use them.
@@ -71,8 +72,8 @@ class AudioPreferenceDataConfig:
             raise ValueError(f"data.schema must be one of {list(SCHEMAS)}, got {self.schema!r}")
         if not self.duration_s > 0:
             raise ValueError(f"data.duration_s must be > 0, got {self.duration_s!r}")
-        if self.num_losers is not None and self.num_losers < 1:
-            raise ValueError(f"data.num_losers must be None or >= 1, got {self.num_losers!r}")
+        if self.num_losers is not None and self.num_losers < 0:
+            raise ValueError(f"data.num_losers must be None or >= 0, got {self.num_losers!r}")
 
 
 def cache_root() -> Path:
@@ -201,6 +202,8 @@ def _fix_group_size(groups: list[tuple[int, list[int]]], k: int | None,
         if len(sizes) > 1:
             raise ValueError(f"groups have different numbers of losers {sizes}: set data.num_losers to one K")
         k = sizes[0]
+    if k == 0:  # winners only
+        return [(prompt, (members[0],)) for prompt, members in groups], {"losers_left_over": 0}
     out, short, leftover = [], [], 0
     for i, (prompt, (winner, *losers)) in enumerate(groups):
         if len(losers) < k:

@@ -1,0 +1,198 @@
+"""The sound-event demo's stages: corpus -> tiny Tango + CLAP from scratch -> preference sets -> diffusion-DPO ->
+evaluation. Each stage writes its outputs under the run folder and a ``<stage>.done.json`` marker (its one-line
+summary and its wall time); a rerun skips finished stages, so an interrupted demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mmpref.demo.world import World
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeStageConfig:
+    n: int = 300  # world clips the judge trains on (plus as many degraded copies)
+    epochs: int = 20
+    n_test: int = 100  # clean clips its accuracy is reported on
+
+
+@dataclass
+class CorpusConfig:
+    n_train: int = 600  # clips for the VAE, the UNet and CLAP
+    n_heldout: int = 48  # evaluation captions (a different world seed: never trained on)
+    n_pref_prompts: int = 64  # captions the preference sets are generated for (not in the training corpus)
+
+
+@dataclass
+class PartConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+
+
+@dataclass
+class GenerationConfig:
+    steps: int = 20  # DDIM steps
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class SynthStageConfig:
+    samples_per_caption: int = 2  # candidates per original caption; CLAP picks the winner
+    losers_per_prompt: int = 2  # K
+    strategies: list[str] = field(default_factory=lambda: ["resample", "concept", "temporal"])
+    max_perturbations: int = 4
+
+
+@dataclass
+class AlignConfig:
+    loss: str = "dpo"
+    beta: float = 2000.0
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-4
+    sft_weight: float = 0.0  # > 0 adds an sft term (RPO-style)
+
+
+@dataclass
+class EvalConfig:
+    samples_per_caption: int = 2
+    bootstrap: int = 2000
+    wav_examples: int = 4
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo does; ``configs/demo.yaml`` (default) and ``configs/demo_quick.yaml`` (``--quick``)."""
+
+    seed: int = 0
+    duration_s: float = 2.56
+    judge: JudgeStageConfig = field(default_factory=JudgeStageConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    vae: PartConfig = field(default_factory=lambda: PartConfig(steps=300, batch_size=16, lr=2e-3))
+    unet: PartConfig = field(default_factory=lambda: PartConfig(steps=600, batch_size=16, lr=1e-3))
+    clap: PartConfig = field(default_factory=lambda: PartConfig(steps=200, batch_size=32, lr=1e-3))
+    unet_channels: list[int] = field(default_factory=lambda: [16, 32])  # the preset's [32, 64] is 4x slower
+    cfg_dropout: float = 0.1
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    synth: SynthStageConfig = field(default_factory=SynthStageConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def scaled(self, factor: float) -> DemoConfig:
+        """Data sizes and training steps times ``factor`` (``--scale``: bigger runs for machines with a GPU)."""
+        if factor == 1.0:
+            return self
+        cfg = DemoConfig.from_dict(asdict(self))
+
+        def mul(x: int) -> int:
+            return max(1, int(round(x * factor)))
+
+        for c, names in ((cfg.judge, ("n",)), (cfg.corpus, ("n_train", "n_heldout", "n_pref_prompts")),
+                         (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.clap, ("steps",)),
+                         (cfg.align, ("steps",))):
+            for n in names:
+                setattr(c, n, mul(getattr(c, n)))
+        return cfg
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> DemoConfig:
+        return _build(cls, raw, source, "")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: dict | None = None) -> DemoConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        for key, value in (overrides or {}).items():
+            raw[key] = value
+        return cls.from_dict(raw, str(path))
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in raw.items():
+        default = getattr(defaults, name)
+        if is_dataclass(default):
+            merged = {**asdict(default), **value} if isinstance(value, dict) else value
+            kwargs[name] = _build(type(default), merged, source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage bookkeeping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str], None] = print) -> dict:
+    """Run ``fn`` unless ``out/<name>.done.json`` exists; print one summary line; return the stage's summary."""
+    marker = out / f"{name}.done.json"
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        log(f"[{name}] cached ({done['seconds']:.0f} s when run): {done['line']}")
+        return done
+    start = time.perf_counter()
+    summary = fn()
+    done = {**summary, "seconds": round(time.perf_counter() - start, 1)}
+    done.setdefault("line", "")
+    write_json_atomic(marker, done)
+    log(f"[{name}] {done['seconds']:.0f} s: {done['line']}")
+    return done
+
+
+def world_for(cfg: DemoConfig, seed: int) -> World:
+    return World(seed=seed, duration_s=cfg.duration_s)
+
+
+def heldout_seed(seed: int) -> int:
+    """World seed of the evaluation captions: disjoint from training (seed) and preference (seed + 500) corpora."""
+    return 1_000_003 + seed
+
+
+def pref_seed(seed: int) -> int:
+    return 500_009 + seed
+
+
+def set_threads() -> None:
+    """Use every core for the big ops; the demo runs one process."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))

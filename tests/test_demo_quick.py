@@ -1,0 +1,117 @@
+"""The sound-event demo: winner-only (K=0) diffusion data, bootstrap CIs, ``mmpref demo --quick`` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmpref.adapters.diffusion import DiffusionAdapter, DiffusionModelConfig
+from mmpref.config import ReferenceConfig, TrainConfig
+from mmpref.data.audio import AudioPreferenceDataConfig, load_preference_index, make_tiny_preference_set
+from mmpref.demo.report import bootstrap_ci, per_caption, summarise_eval
+from mmpref.losses import build_loss
+
+
+class _Accelerator:
+    device = torch.device("cpu")
+    process_index = 0
+    main_process_first = staticmethod(nullcontext)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _winner_only_set(root: Path) -> Path:
+    """The tiny tone set rewritten with ``rejected: []`` (what the demo's corpus stage writes)."""
+    src = make_tiny_preference_set(root, n=3, k=1)
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    out = root / "winners.jsonl"
+    out.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": []}) + "\n"
+                           for r in rows))
+    return out
+
+
+def test_winner_only_rows_make_single_member_groups(tmp_path):
+    path = _winner_only_set(tmp_path)
+    index = load_preference_index(AudioPreferenceDataConfig(path=str(path), schema="grouped", num_losers=0))
+    assert [len(members) for _, members in index.groups] == [1, 1, 1]
+    assert index.num_losers == 0
+    # num_losers=0 on data *with* losers keeps the winners only
+    pairs = make_tiny_preference_set(tmp_path / "pairs", n=2, k=1)
+    index = load_preference_index(AudioPreferenceDataConfig(path=str(pairs), num_losers=0))
+    assert [len(m) for _, m in index.groups] == [1, 1]
+
+
+def test_sft_on_winner_only_data_is_half_the_winner_mse_and_dpo_is_refused(tmp_path):
+    path = _winner_only_set(tmp_path)
+    cfg = TrainConfig(modality="diffusion", model=DiffusionModelConfig(),
+                      data=AudioPreferenceDataConfig(path=str(path), schema="grouped", num_losers=0, duration_s=1.0,
+                                                     cache_dir=str(tmp_path / "cache")),
+                      reference=ReferenceConfig(mode="none"))
+    adapter = DiffusionAdapter(cfg)
+    sft = build_loss({"sft": 1.0})
+    adapter.setup(_Accelerator(), sft)
+    batch = adapter.collate([adapter.train_dataset[i] for i in range(3)])
+    assert batch["mean"].shape[1] == 1
+    adapter.generator = torch.Generator().manual_seed(0)
+    scores = adapter.scores(adapter.policy, batch, sft)
+    mse = adapter.step_metrics()["diffusion/mse_policy_chosen"]
+    assert scores.policy.shape == (3, 1)
+    assert sft(scores).loss.item() == pytest.approx(0.5 * mse, rel=1e-5)
+    with pytest.raises(ValueError, match="winners only"):
+        adapter.scores(adapter.policy, batch, build_loss({"simpo": {}}))
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.5, 0.1, 20), rng.normal(0.5, 0.1, 2000)
+    a, b = bootstrap_ci(small, 1000, 0), bootstrap_ci(large, 1000, 0)
+    assert a["lo"] < a["mean"] < a["hi"] and a["mean"] == pytest.approx(small.mean())
+    assert (b["hi"] - b["lo"]) < (a["hi"] - a["lo"]) / 5
+    # the 95% interval of a mean is about +-1.96 standard errors
+    assert b["hi"] - b["lo"] == pytest.approx(2 * 1.96 * large.std() / math.sqrt(2000), rel=0.15)
+
+
+def test_order_accuracy_ignores_single_event_captions_and_deltas_are_paired():
+    def row(order, recall, events):
+        return {"order_correct": order, "event_recall": recall, "exact_match": 0.0, "clap": 0.1, "events": events}
+
+    base = [row(1.0, 1.0, 1), row(0.0, 0.5, 2), row(0.0, 0.5, 3)]
+    aligned = [row(1.0, 1.0, 1), row(1.0, 1.0, 2), row(0.5, 1.0, 3)]
+    assert np.isnan(per_caption(base, 1, "order_accuracy")[0])
+    s = summarise_eval({"base": base, "aligned": aligned}, 1, 200, 0)
+    assert s["models"]["base"]["order_accuracy"]["mean"] == 0.0
+    assert s["models"]["aligned"]["order_accuracy"]["mean"] == 0.75
+    assert s["delta"]["order_accuracy"]["mean"] == 0.75
+    assert s["delta"]["event_recall"]["mean"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    from mmpref.demo.main import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    for name in ("report.md", "report.json", "plots/training_curves.png", "plots/before_after.png",
+                 "plots/clap_hist.png", "seed0/eval/wav/base/00.wav", "seed0/eval/wav/aligned/00.wav",
+                 "seed0/dpo/config.yaml", "seed0/synth/grouped.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    report = json.loads((tmp_path / "report.json").read_text())
+    ev = report["seeds"]["0"]["eval"]
+    samples = json.loads((tmp_path / "seed0" / "eval" / "samples.json").read_text())
+    for model in ("base", "aligned"):
+        for metric, ci in ev["models"][model].items():
+            assert all(math.isfinite(ci[k]) for k in ("mean", "lo", "hi")), (model, metric)
+            assert ci["lo"] - 1e-9 <= ci["mean"] <= ci["hi"] + 1e-9
+        recall = np.mean([r["event_recall"] for r in samples[model]])
+        assert ev["models"][model]["event_recall"]["mean"] == pytest.approx(recall)
+    md = (tmp_path / "report.md").read_text()
+    assert f"{ev['models']['base']['event_recall']['mean']:.3f}" in md
+    # a second run resumes from the markers and reproduces the report's numbers
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["seeds"]["0"]["eval"] == ev
