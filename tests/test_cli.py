@@ -19,6 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MMPREF = Path(sys.executable).parent / "mmpref"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CI box is shared: with oversubscribed OpenMP threads the tiny Tango run is ~3x slower than on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def llm_assets(tmp_path_factory) -> dict[str, str]:
     return write_tiny_llm_assets(tmp_path_factory.mktemp("cli-llm"))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.tiny_llm import tiny_llm_overrides, write_tiny_llm_assets
 
 from mmpref.config import load_config
@@ -23,6 +24,15 @@ LLM_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("llm_*.yaml"))
 # (1-2e)); ipo (0 - 1/(2 tau))^2 with tau = 0.1; kto 1 - sigmoid(0 - z0) with z0 = 0.
 FIRST_STEP_LOSS = {"llm_dpo.yaml": math.log(2), "llm_dpo_tiny.yaml": math.log(2), "llm_rdpo.yaml": math.log(2),
                    "llm_bco.yaml": math.log(2), "llm_ipo.yaml": 25.0, "llm_kto.yaml": 0.5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CI box is shared: oversubscribed OpenMP threads make these tiny runs several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_every_llm_config_is_listed():
