@@ -18,8 +18,14 @@ AUDIO_FORMATS = ("flac", "wav")
 
 @dataclass
 class GenerationConfig:
-    """How candidates are sampled. ``resample_steps``: step counts for strategy 1's samples of the original caption
-    (Tango 2: 5/25/50/100), cycled over ``samples_per_caption``; None: all use ``steps``."""
+    """How candidates are sampled.
+
+    samples_per_caption: samples of the original caption with the ``resample`` strategy (the best by the first
+        scorer is the winner of every strategy); without ``resample`` one sample is drawn.
+    resample_steps: step counts of those samples (Tango 2: 5/25/50/100), cycled; None: all use ``steps``.
+        Perturbed captions always use ``steps``. Every sample has its own seed derived from ``seed``, the caption's
+        position in the captions file and the candidate's index, so shards and processes reproduce it exactly.
+    """
 
     steps: int = 100
     guidance_scale: float = 3.0
