@@ -72,7 +72,7 @@ def build_report(cfg, out: Path, groups: list[dict], records: list[dict], groupe
 
 
 def write_histogram(groups: list[dict], scorers: list[str], path: Path) -> Path:
-    """Winner vs loser score histograms per scorer (all considered pairs; accepted losers hatched)."""
+    """Winner (one per caption) vs loser score histograms per scorer; the losers of kept pairs are hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +80,7 @@ def write_histogram(groups: list[dict], scorers: list[str], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(scorers), figsize=(5 * len(scorers), 3.5), squeeze=False)
     for ax, name in zip(axes[0], scorers):
-        winners = [g["winner"]["scores"][name] for g in groups]
+        winners = list({g["winner"]["id"]: g["winner"]["scores"][name] for g in groups}.values())  # one per caption
         losers = [p["loser"]["scores"][name] for g in groups for p in g["pairs"]]
         kept = [p["loser"]["scores"][name] for g in groups for p in g["pairs"] if p["accepted"]]
         values = winners + losers or [0.0]
