@@ -274,6 +274,11 @@ def test_changed_generation_settings_refuse_to_mix(tmp_path, models):
     run_synthesis(small_cfg(tmp_path / "run", max_captions=2), pipeline, scorers)
     with pytest.raises(ValueError, match=r"different settings \(changed: \['generation'\]\)"):
         run_synthesis(small_cfg(tmp_path / "run", max_captions=2, **{"generation.seed": 8}), pipeline, scorers)
+    from mmpref.models.tango import TangoPipeline
+
+    other = TangoPipeline.from_preset("tiny", seed=1)  # same class, other weights
+    with pytest.raises(ValueError, match=r"changed: \['pipeline'\]"):
+        run_synthesis(small_cfg(tmp_path / "run", max_captions=2), other, scorers)
 
 
 # ---------------------------------------------------------------------------------------------- config

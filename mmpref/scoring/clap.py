@@ -9,6 +9,8 @@ truncation never runs, and shorter clips use the extractor's own padding (repeat
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,7 +82,13 @@ class ClapScorer:
             "fusion": bool(getattr(self.model.config.audio_config, "enable_fusion", False)),
             "loudness_normalization": "none",
             "similarity": "cosine of L2-normalised embeddings",
+            "weights": self.weights_fingerprint,
         }
+
+    @functools.cached_property
+    def weights_fingerprint(self) -> str:
+        """Names, shapes and sums of the weights: tells two in-memory models apart in the records."""
+        return weights_fingerprint(self.model)
 
     def prepare(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono float32 at the CLAP rate, deterministically cropped to the extractor's window."""
@@ -122,6 +130,17 @@ class ClapScorer:
         return np.concatenate(out) if out else np.zeros(0)
 
     __call__ = score
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """A cheap identity of in-memory weights (names, shapes, float64 sums): enough to notice that a model passed
+    in is not the one a run started with."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for m in modules:
+            for name, t in m.state_dict().items():
+                h.update(f"{name}{tuple(t.shape)}{t.double().sum().item():.12e}".encode())
+    return h.hexdigest()[:16]
 
 
 def _pooled(out: Any) -> torch.Tensor:

@@ -279,6 +279,7 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     from accelerate import PartialState
 
     from mmpref.scoring import describe_scorer
+    from mmpref.scoring.clap import weights_fingerprint
     from mmpref.synthesis.vocabulary import Vocabulary
 
     cfg.validate()
@@ -292,7 +293,8 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
                          "(the config holds their filter thresholds)")
     vocabulary = Vocabulary.load(cfg.perturb.vocabulary)
     perturber = perturber or _default_perturber(cfg, vocabulary)
-    pipeline_id = cfg.pipeline if pipeline is None else f"in-memory {type(pipeline).__name__}"
+    pipeline_id = cfg.pipeline if pipeline is None else f"in-memory {type(pipeline).__name__} " + \
+        weights_fingerprint(*pipeline._modules().values())
     scorer_ids = ({n: describe_scorer(s) for n, s in scorers.items()} if scorers is not None
                   else {n: {"path": s.path, "crop": s.crop} for n, s in cfg.scorers.items()})
     settings = generation_settings(cfg, pipeline_id, scorer_ids)
@@ -368,6 +370,7 @@ def _check_manifest(out: Path, settings: dict, shards: list[Shard], state) -> No
     state.wait_for_everyone()
     if state.is_main_process:
         _atomic_write(path, json.dumps(manifest, indent=1, default=str))
+        shutil.rmtree(out / "progress", ignore_errors=True)  # per-rank notes of the previous invocation
     state.wait_for_everyone()
 
 
