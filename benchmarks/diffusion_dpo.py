@@ -1,0 +1,354 @@
+"""Diffusion-DPO on Tango-style models: the way Tango 2's script trains against mmpref's defaults, on CPU.
+
+Both run through mmpref's engine and diffusion adapter, on 10 s clips in groups of 1 winner + K=3 losers, with the
+same loss (dpo, beta 2000, v-prediction, w(t) = 1), batch and steps; only the settings that the comparison is about
+differ:
+
+* ``tango2`` (Tango 2's script): ``model.cache=false`` (every step reads the WAVs and recomputes the log-mel, the
+  VAE posterior and the T5 encoding), ``model.grouped_forward=false`` (one UNet call per winner/loser pair, so the
+  winner is re-encoded and re-denoised K times), a full float32 copy of the UNet as the reference.
+* ``mmpref_lora``: cached latents and text encodings (built once before the run and reused, as across epochs and
+  runs), the group denoised in one UNet call of 1+K members, LoRA on the UNet's attention projections with the
+  adapter-disabled policy as the reference (one copy of the weights). Note: it trains the adapter, not every weight.
+* ``mmpref_bf16``: cached and grouped, full fine-tuning like ``tango2``, reference a frozen bfloat16 copy.
+* ``mmpref_fp32`` (ablation; full run, tiny preset only): cached and grouped with the same float32 reference as ``tango2``, to
+  separate what caching + grouping buy from what the lighter reference buys.
+
+Presets: ``tiny`` (mmpref's test preset) and ``mid``, the tiny layout scaled up by overriding the preset's config
+(wider UNet with 3 levels and 2 layers per block, a larger T5 encoder and VAE), far smaller than ``tango`` (866M
+UNet), so that it runs on a CPU in seconds per step. Each run is its own subprocess: peak memory is the process's
+peak RSS minus its RSS once libraries are imported (models, optimizer, activations, data; not imports).
+
+    python benchmarks/diffusion_dpo.py            # full run (several minutes on 2 CPU cores)
+    python benchmarks/diffusion_dpo.py --quick    # smoke run: tiny preset, 2 s clips, few steps
+
+Writes ``benchmarks/results/diffusion_dpo[_quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # benchmarks/ is not a package
+from common import (  # noqa: E402
+    StepClock,
+    engine_step_clock,
+    machine_info,
+    memory_report,
+    rss_bytes,
+    spawn,
+    versions,
+    write_json_atomic,
+)
+
+BASELINE = "tango2"
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tango2": {"cache": False, "grouped_forward": False, "reference": {"mode": "copy", "dtype": None}, "lora": False},
+    "mmpref_lora": {"cache": True, "grouped_forward": True, "reference": {"mode": "lora"}, "lora": True},
+    "mmpref_bf16": {
+        "cache": True,
+        "grouped_forward": True,
+        "reference": {"mode": "copy", "dtype": "bfloat16"},
+        "lora": False,
+    },
+    "mmpref_fp32": {
+        "cache": True,
+        "grouped_forward": True,
+        "reference": {"mode": "copy", "dtype": None},
+        "lora": False,
+    },
+}
+LABELS = {
+    "tango2": "(a) Tango 2 way: recompute mel+VAE+T5, per-pair UNet calls, fp32 reference copy",
+    "mmpref_lora": "(b) mmpref: cached, grouped, LoRA reference",
+    "mmpref_bf16": "(b) mmpref: cached, grouped, bf16 reference copy",
+    "mmpref_fp32": "ablation: cached, grouped, fp32 reference copy",
+}
+
+
+def mid_preset() -> dict[str, Any]:
+    """The ``tiny`` preset's config, scaled up: a mid-size model that still trains on a CPU at 10 s clips.
+
+    As in ``tiny``, no self-attention at the full-resolution UNet level (at 10 s that is 250 x 16 tokens).
+    """
+    from mmpref.models.tango.presets import preset_config
+
+    cfg = preset_config("tiny")
+    cfg["unet"].update(
+        block_out_channels=[64, 128, 256],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=2,
+        attention_head_dim=[2, 4, 8],
+        cross_attention_dim=256,
+        norm_num_groups=16,
+    )
+    cfg["vae"].update(block_out_channels=[32, 64, 128], layers_per_block=2, norm_num_groups=16)
+    cfg["text_encoder"].update(d_model=256, d_kv=32, d_ff=1024, num_layers=6, num_heads=8)
+    return cfg
+
+
+@dataclass
+class Settings:
+    presets: list[str] = field(default_factory=lambda: ["tiny", "mid"])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    ablation_presets: list[str] = field(default_factory=lambda: ["tiny"])  # where mmpref_fp32 runs
+    duration_s: float = 10.0
+    num_losers: int = 3
+    batch_size: dict[str, int] = field(default_factory=lambda: {"tiny": 2, "mid": 1})  # groups per step
+    steps: dict[str, int] = field(default_factory=lambda: {"tiny": 4, "mid": 3})
+    warmup: int = 1
+    beta: float = 2000.0
+    lr: float = 1e-5
+    lora_lr: float = 1e-4
+    lora_r: int = 8
+    seed: int = 0
+    threads: int = 1  # torch threads per run (0: torch's default)
+
+
+QUICK = dict(
+    presets=["tiny"],
+    variants=["tango2", "mmpref_lora", "mmpref_bf16"],
+    duration_s=2.0,
+    batch_size={"tiny": 2},
+    steps={"tiny": 3},
+)
+
+
+# ----- assets -------------------------------------------------------------------------------------------------------
+def build_assets(work: Path, s: Settings) -> dict[str, Any]:
+    """Per preset: a saved pipeline (random weights) and a preference set of 10 s tones (1 winner + K losers)."""
+    import torch
+
+    from mmpref.data.audio import make_tiny_preference_set
+    from mmpref.models.tango import TangoPipeline, presets
+    from mmpref.models.tango.tokenizer import build_tiny_tokenizer
+
+    groups = max(s.batch_size[p] * s.steps[p] for p in s.presets)
+    data = make_tiny_preference_set(work / "data", n=groups, k=s.num_losers, duration_s=s.duration_s)
+    out: dict[str, Any] = {"data": str(data), "groups": groups, "presets": {}}
+    for name in s.presets:
+        cfg = presets.preset_config("tiny") if name == "tiny" else mid_preset()
+        tok = build_tiny_tokenizer()
+        cfg["text_encoder"]["vocab_size"] = len(tok)
+        torch.manual_seed(s.seed)
+        pipe = TangoPipeline(
+            text_encoder=presets.build_text_encoder(cfg["text_encoder"]),
+            tokenizer=tok,
+            unet=presets.build_unet(cfg["unet"]),
+            vae=presets.build_vae(cfg["vae"]),
+            vocoder=presets.build_vocoder(cfg["vocoder"], True),
+            scheduler=presets.build_scheduler(cfg["scheduler"]),
+        )
+        path = work / f"pipeline-{name}"
+        pipe.save_pretrained(path)
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        out["presets"][name] = {
+            "path": str(path),
+            "parameters": {"unet": count(pipe.unet), "vae": count(pipe.vae), "text_encoder": count(pipe.text_encoder)},
+            "latent_shape": list(pipe.latent_shape(s.duration_s)),
+            "unet_config": {k: cfg["unet"][k] for k in ("block_out_channels", "layers_per_block", "down_block_types")},
+        }
+    return out
+
+
+def train_config(preset: dict, variant: str, data: str, s: Settings, preset_name: str, out: Path) -> Any:
+    from mmpref.config import config_from_dict
+
+    v = VARIANTS[variant]
+    raw = {
+        "modality": "diffusion",
+        "model": {
+            "pipeline": preset["path"],
+            "prediction_type": "v_prediction",
+            "weighting": "none",
+            "cfg_dropout": 0.1,
+            "cache": v["cache"],
+            "grouped_forward": v["grouped_forward"],
+        },
+        "data": {"path": data, "duration_s": s.duration_s, "cache_dir": str(out.parent / f"cache-{preset_name}")},
+        "reference": v["reference"],
+        "lora": {"enabled": v["lora"], "r": s.lora_r, "alpha": 2 * s.lora_r},
+        "loss": {"dpo": {"beta": s.beta}},
+        "optim": {
+            "lr": s.lora_lr if v["lora"] else s.lr,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": 1.0,
+            "weight_decay": 0.0,
+        },
+        "train": {
+            "batch_size": s.batch_size[preset_name],
+            "max_steps": s.steps[preset_name],
+            "cpu": True,
+            "output_dir": str(out),
+            "log_every": 1,
+            "save_every": 10**9,
+            "resume": False,
+            "seed": s.seed,
+            "num_workers": 0,
+        },
+    }
+    return config_from_dict(raw, source="benchmarks/diffusion_dpo.py")
+
+
+# ----- one run per subprocess ---------------------------------------------------------------------------------------
+def worker(job: str, preset_name: str, variant: str, assets_file: str, settings_json: str, out: str) -> None:
+    """``job``: ``cache`` (build the latent/text cache once) or ``train``; prints one JSON line."""
+    s = Settings(**json.loads(settings_json))
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    from mmpref.adapters.diffusion import DiffusionAdapter
+    from mmpref.training import engine
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    assets = json.loads(Path(assets_file).read_text())
+    cfg = train_config(assets["presets"][preset_name], variant, assets["data"], s, preset_name, Path(out))
+    base = rss_bytes()
+    started = time.perf_counter()
+    if job == "cache":
+        from accelerate import Accelerator
+
+        DiffusionAdapter(cfg).setup(Accelerator(cpu=True))
+        res: dict[str, Any] = {"cache_build_s": time.perf_counter() - started}
+    else:
+        clock = StepClock()
+        with engine_step_clock(clock):
+            result = engine.train(cfg)
+        res = {**clock.summary(s.warmup), "final_loss": result.metrics.get("loss")}
+    res.update(memory_report(base), wall_s=time.perf_counter() - started, torch_threads=torch.get_num_threads())
+    print(json.dumps(res))
+
+
+def run(job: str, preset: str, variant: str, assets_file: Path, s: Settings, work: Path) -> dict[str, Any]:
+    argv = [
+        "--worker",
+        job,
+        preset,
+        variant,
+        str(assets_file),
+        json.dumps(asdict(s)),
+        str(work / f"{preset}-{variant}"),
+    ]
+    return spawn(__file__, argv, ROOT)
+
+
+# ----- report -------------------------------------------------------------------------------------------------------
+def ratios(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for preset, runs in results.items():
+        a = runs[BASELINE]
+        for variant, r in runs.items():
+            if variant == BASELINE:
+                continue
+            speed = r["steps_per_s"] / a["steps_per_s"]
+            mem = r["peak_rss_delta_mib"] / a["peak_rss_delta_mib"]
+            out.setdefault(preset, {})[variant] = {
+                "throughput_ratio": round(speed, 3),
+                "cpu_time_ratio": round(a["cpu_s_per_step"] / r["cpu_s_per_step"], 3),
+                "peak_memory_ratio": round(mem, 3),
+                "meets_target": bool(min(speed, a["cpu_s_per_step"] / r["cpu_s_per_step"]) >= 3.0 and mem <= 0.6),
+            }
+    return out
+
+
+def table(report: dict) -> str:
+    lines = [
+        "| preset | variant | s/step (wall) | CPU s/step | peak MiB | speed vs (a): wall / CPU | memory vs (a) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for preset, runs in report["results"].items():
+        for variant, r in runs.items():
+            c = report["ratios"][preset].get(variant)
+            speed = f"{c['throughput_ratio']:.2f}x / {c['cpu_time_ratio']:.2f}x" if c else "1 / 1"
+            mem = f"{c['peak_memory_ratio']:.2f}x" if c else "1"
+            lines.append(
+                f"| {preset} | {variant} | {r['s_per_step']:.2f} | {r['cpu_s_per_step']:.2f} | "
+                f"{r['peak_rss_delta_mib']:.0f} | {speed} | {mem} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny preset, 2 s clips, few steps (smoke test)")
+    ap.add_argument("--presets", nargs="+", choices=["tiny", "mid"])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default; see docs)")
+    ap.add_argument("--out", help="result JSON (default benchmarks/results/diffusion_dpo[_quick].json)")
+    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+
+    s = Settings(**(QUICK if args.quick else {}))
+    s.presets = args.presets or s.presets
+    s.variants = args.variants or s.variants
+    s.threads = args.threads
+    if BASELINE not in s.variants:
+        s.variants.insert(0, BASELINE)
+    out = Path(args.out or HERE / "results" / f"diffusion_dpo{'_quick' if args.quick else ''}.json")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    started, load0 = time.perf_counter(), os.getloadavg()[0]
+    results: dict[str, dict[str, dict]] = {}
+    caches: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mmpref-bench-diffusion-") as tmp:
+        work = Path(tmp)
+        assets = build_assets(work, s)
+        assets_file = work / "assets.json"
+        assets_file.write_text(json.dumps(assets))
+        for preset in s.presets:
+            print(
+                f"{preset}: {assets['presets'][preset]['parameters']}, latent "
+                f"{assets['presets'][preset]['latent_shape']}",
+                flush=True,
+            )
+            caches[preset] = run("cache", preset, "mmpref_bf16", assets_file, s, work)
+            for variant in s.variants:
+                if variant == "mmpref_fp32" and preset not in s.ablation_presets:
+                    continue
+                r = run("train", preset, variant, assets_file, s, work)
+                results.setdefault(preset, {})[variant] = r
+                print(
+                    f"  {variant:>12}: {r['s_per_step']:.2f} s/step, peak +{r['peak_rss_delta_mib']:.0f} MiB",
+                    flush=True,
+                )
+    for p in assets["presets"].values():
+        p.pop("path")
+    report = {
+        "benchmark": "diffusion_dpo",
+        "quick": args.quick,
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": asdict(s),
+        "variants": {v: {**VARIANTS[v], "label": LABELS[v]} for v in s.variants},
+        "models": assets["presets"],
+        "cache_build": caches,
+        "results": results,
+        "ratios": ratios(results),
+        "targets": {"throughput_ratio_min": 3.0, "peak_memory_ratio_max": 0.6},
+        "load_average_1m": {"start": load0, "end": os.getloadavg()[0]},
+        "total_wall_s": round(time.perf_counter() - started, 1),
+        "command": "python benchmarks/diffusion_dpo.py" + (" --quick" if args.quick else ""),
+    }
+    write_json_atomic(out, report)
+    print(table(report))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
