@@ -11,15 +11,15 @@ differ:
   runs), the group denoised in one UNet call of 1+K members, LoRA on the UNet's attention projections with the
   adapter-disabled policy as the reference (one copy of the weights). Note: it trains the adapter, not every weight.
 * ``mmpref_bf16``: cached and grouped, full fine-tuning like ``tango2``, reference a frozen bfloat16 copy.
-* ``mmpref_fp32`` (ablation; full run, tiny preset only): cached and grouped with the same float32 reference as ``tango2``, to
-  separate what caching + grouping buy from what the lighter reference buys.
+* ``mmpref_fp32`` (ablation; full run, tiny preset only): cached and grouped with the same float32 reference as
+  ``tango2``, to separate what caching + grouping buy from what the lighter reference buys.
 
 Presets: ``tiny`` (mmpref's test preset) and ``mid``, the tiny layout scaled up by overriding the preset's config
 (wider UNet with 3 levels and 2 layers per block, a larger T5 encoder and VAE), far smaller than ``tango`` (866M
 UNet), so that it runs on a CPU in seconds per step. Each run is its own subprocess: peak memory is the process's
 peak RSS minus its RSS once libraries are imported (models, optimizer, activations, data; not imports).
 
-    python benchmarks/diffusion_dpo.py            # full run (several minutes on 2 CPU cores)
+    python benchmarks/diffusion_dpo.py            # full run (about 10 minutes on a busy 2-core machine)
     python benchmarks/diffusion_dpo.py --quick    # smoke run: tiny preset, 2 s clips, few steps
 
 Writes ``benchmarks/results/diffusion_dpo[_quick].json``.
