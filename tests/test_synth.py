@@ -269,6 +269,29 @@ def test_llm_perturber_from_config(tmp_path):
     assert len(out) == 2 and all(p.strategy == "temporal" for p in out)
 
 
+def loudness(texts: list[str], waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
+    """A plain callable scorer (ignores the text): RMS level."""
+    return np.array([float(np.sqrt(np.mean(np.square(w)))) for w in waves])
+
+
+def test_any_callable_is_a_scorer_and_filters_combine(tmp_path, models):
+    pipeline, scorers = models
+    cfg = small_cfg(tmp_path / "run", max_captions=4,
+                    scorers={"clap": {"path": "preset:tiny"}, "rms": {"path": "callable", "delta_min": 0.001}})
+    result = run_synthesis(cfg, pipeline, {"clap": scorers["clap"], "rms": loudness})
+    settings = json.loads((result.output_dir / "settings.json").read_text())
+    assert settings["scorers"]["rms"] == {"callable": "loudness"}
+    assert settings["filters"]["rms"]["delta_min"] == 0.001
+    cands = read_jsonl(result.output_dir / "candidates.jsonl")
+    for c in cands:
+        wave = load_audio(result.output_dir / c["audio"], 16000)
+        assert c["scores"]["rms"] == pytest.approx(loudness([], [wave], 16000)[0], abs=1e-4)  # 16-bit WAV
+    for p in read_jsonl(result.pairs_jsonl):
+        assert p["chosen_scores"]["rms"] - p["rejected_scores"]["rms"] >= 0.001 - 1e-9
+        assert p["chosen_scores"]["clap"] > p["rejected_scores"]["clap"]
+    assert set(result.report["acceptance"]["pass_rate_per_filter"]) >= {"rms.delta_min", "clap.alpha", "wins"}
+
+
 def test_changed_generation_settings_refuse_to_mix(tmp_path, models):
     pipeline, scorers = models
     run_synthesis(small_cfg(tmp_path / "run", max_captions=2), pipeline, scorers)

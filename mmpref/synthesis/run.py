@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mmpref.synthesis.config import SynthConfig, load_synth_config
 from mmpref.synthesis.perturb import PERTURBATION_STRATEGIES, Perturbation, Perturber, RuleBasedPerturber
@@ -307,11 +308,10 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     t0 = time.perf_counter()
     mine = [s for s in shards if s.index % state.num_processes == state.process_index]
     done_now = []
-    for shard in mine:
-        shard_dir = out / "shards" / shard.name
-        if shard_is_complete(shard_dir, shard):
-            continue
-        process_shard(cfg, shard, captions, shard_dir, models, perturber,
+    todo = [s for s in mine if not shard_is_complete(out / "shards" / s.name, s)]
+    for shard in tqdm(todo, desc=f"synth shards (rank {state.process_index})", unit="shard",
+                      disable=not todo, position=state.process_index):
+        process_shard(cfg, shard, captions, out / "shards" / shard.name, models, perturber,
                       lambda c: parse_caption_with(vocabulary, c))
         done_now.append(shard.index)
     _atomic_write(out / "progress" / f"rank{state.process_index}.json",
