@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,23 +310,42 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     mine = [s for s in shards if s.index % state.num_processes == state.process_index]
     done_now = []
     todo = [s for s in mine if not shard_is_complete(out / "shards" / s.name, s)]
-    for shard in tqdm(todo, desc=f"synth shards (rank {state.process_index})", unit="shard",
-                      disable=not todo, position=state.process_index):
-        process_shard(cfg, shard, captions, out / "shards" / shard.name, models, perturber,
-                      lambda c: parse_caption_with(vocabulary, c))
-        done_now.append(shard.index)
-    _atomic_write(out / "progress" / f"rank{state.process_index}.json",
-                  json.dumps({"rank": state.process_index, "world": state.num_processes, "shards": done_now,
-                              "wall_s": time.perf_counter() - t0}))
-    state.wait_for_everyone()
-    if state.is_main_process:
-        from mmpref.synthesis.merge import merge
+    with _all_ranks_fail_together(state, out, "generation"):
+        for shard in tqdm(todo, desc=f"synth shards (rank {state.process_index})", unit="shard",
+                          disable=not todo, position=state.process_index):
+            process_shard(cfg, shard, captions, out / "shards" / shard.name, models, perturber,
+                          lambda c: parse_caption_with(vocabulary, c))
+            done_now.append(shard.index)
+        _atomic_write(out / "progress" / f"rank{state.process_index}.json",
+                      json.dumps({"rank": state.process_index, "world": state.num_processes, "shards": done_now,
+                                  "wall_s": time.perf_counter() - t0}))
+    with _all_ranks_fail_together(state, out, "merge"):
+        if state.is_main_process:
+            from mmpref.synthesis.merge import merge
 
-        merge(cfg, out, shards, settings, scorer_ids, perturber, wall_s=time.perf_counter() - t0)
-    state.wait_for_everyone()
+            merge(cfg, out, shards, settings, scorer_ids, perturber, wall_s=time.perf_counter() - t0)
     report = json.loads((out / "report.json").read_text())
     return SynthResult(out, out / "dataset", out / "grouped.jsonl", out / "pairs.jsonl", report,
                        out / "report.json", out / "scores.png")
+
+
+@contextmanager
+def _all_ranks_fail_together(state, out: Path, stage: str):
+    """Run the block, then meet at a barrier; if any rank failed, every rank raises (instead of the others
+    waiting forever at the next barrier). A failing rank leaves a note in ``progress/``."""
+    note = out / "progress" / f"failed_{stage}_rank{state.process_index}.txt"
+    try:
+        yield
+    except BaseException as err:
+        _atomic_write(note, f"{type(err).__name__}: {err}")
+        if state.num_processes > 1:
+            state.wait_for_everyone()
+        raise
+    state.wait_for_everyone()
+    failed = sorted((out / "progress").glob(f"failed_{stage}_rank*.txt"))
+    if failed:
+        raise RuntimeError(f"synthesis {stage} failed on another process: {failed[0].read_text()} "
+                           f"(see {failed[0]}); run the same command again to resume")
 
 
 def _use_cpu(cfg: SynthConfig) -> bool:
