@@ -202,6 +202,8 @@ def test_llm_output_validation_concept(text, reason):
 def test_llm_output_validation_temporal():
     parse = parse_caption("A man speaks followed by a dog barking")
     assert validate_perturbation(parse, "A dog barking followed by a man speaks", "temporal") is None
+    assert "same events in the same order" in validate_perturbation(
+        parse, "A man speaks, followed by a dog barking loudly", "temporal")
     plain = parse_caption("A dog barks and a man speaks")
     assert "no temporal relation" in validate_perturbation(plain, "A dog barks and a woman speaks", "temporal")
 

@@ -248,10 +248,17 @@ def validate_perturbation(parse: CaptionParse, text: str, strategy: str,
         other = parse_caption(text, known_nouns)
         if not other.is_temporal and not parse.is_temporal:
             return "no temporal relation"
+        if _timeline(other) == _timeline(parse):
+            return "same events in the same order"
         return None
     if new == original:
         return "same concepts as the original"
     return None
+
+
+def _timeline(parse: CaptionParse) -> tuple[frozenset[str], ...]:
+    """The content words happening at each time step: equal timelines describe the same scene."""
+    return tuple(frozenset().union(*(parse.events[i].concepts for i in step)) for step in parse.order)
 
 
 # ---------------------------------------------------------------------------------------------- LLM
