@@ -43,6 +43,8 @@ __all__ = ["SynthConfig", "SynthResult", "load_synth_config", "main", "read_capt
 
 @dataclass
 class SynthResult:
+    """Where a run's outputs are (see the module docstring) and its report (as in ``report.json``)."""
+
     output_dir: Path
     dataset_dir: Path
     grouped_jsonl: Path
@@ -278,14 +280,12 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
                   perturber: Perturber | None = None) -> SynthResult:
     """Run (or resume) a synthesis; see the module docstring. ``pipeline``/``scorers`` given as objects replace
     the config's paths (their identity for the fingerprint is their ``describe()`` / class name)."""
-    from accelerate import PartialState
-
     from mmpref.scoring import describe_scorer
     from mmpref.scoring.clap import weights_fingerprint
     from mmpref.synthesis.vocabulary import Vocabulary
 
     cfg.validate()
-    state = PartialState(cpu=_use_cpu(cfg))
+    state = _process_state(cfg)
     out = Path(cfg.output_dir)
     captions = read_captions(cfg.captions)[: cfg.max_captions]
     if not captions:
@@ -346,6 +346,29 @@ def _all_ranks_fail_together(state, out: Path, stage: str):
     if failed:
         raise RuntimeError(f"synthesis {stage} failed on another process: {failed[0].read_text()} "
                            f"(see {failed[0]}); run the same command again to resume")
+
+
+@dataclass
+class _SingleProcess:
+    """The one-process stand-in for accelerate's PartialState: a plain ``run_synthesis`` call must not pin the
+    global accelerate state (a later ``Accelerator(cpu=True)`` in the same process would be refused)."""
+
+    device: str
+    process_index: int = 0
+    num_processes: int = 1
+    is_main_process: bool = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _process_state(cfg: SynthConfig):
+    """accelerate's PartialState under a distributed launcher (WORLD_SIZE > 1), else :class:`_SingleProcess`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return PartialState(cpu=_use_cpu(cfg))
+    return _SingleProcess("cpu" if _use_cpu(cfg) else "cuda")
 
 
 def _use_cpu(cfg: SynthConfig) -> bool:
@@ -411,9 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"mmpref synth: {err}", file=sys.stderr)
         return 1
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
     r = result.report
     print(f"done: {r['pairs']} pairs ({r['pairs_per_strategy']}), {r['grouped_rows']} grouped rows; "
