@@ -1,0 +1,166 @@
+"""The text demo: task, perturbations and metrics by hand; bootstrap against a naive loop; `--quick` end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import yaml
+
+from mmpref.demo import text
+from mmpref.demo.text import (
+    DEFAULT_CONFIG,
+    Example,
+    bootstrap_ci,
+    error_counts,
+    format_answer,
+    load_demo_config,
+    make_examples,
+    paired_difference,
+    parse_answer,
+    perturb,
+    preference_pairs,
+    score_answer,
+)
+
+TASK = load_demo_config(DEFAULT_CONFIG, quick=True, loss="dpo")["task"]
+
+
+def test_answers_format_and_parse_back():
+    assert format_answer(["red", "cat", "seven"]) == " red, cat, seven"
+    assert parse_answer(" red, cat, seven") == ["red", "cat", "seven"]
+    assert parse_answer(" red,, cat ,") == ["red", "cat"]
+    assert parse_answer("") == []
+
+
+@pytest.mark.parametrize(
+    "predicted,exact,order,recall",
+    [
+        (["a", "b", "c"], 1.0, 1.0, 1.0),
+        (["a", "c", "b"], 0.0, 2 / 3, 1.0),  # (b, c) swapped
+        (["a", "c"], 0.0, 1 / 3, 2 / 3),  # b missing fails (a, b) and (b, c)
+        (["c", "b", "a"], 0.0, 0.0, 1.0),
+        (["a", "b", "c", "x"], 0.0, 1.0, 1.0),  # an extra item: not exact, order and recall intact
+        (["a", "b", "a", "c"], 0.0, 1.0, 1.0),  # a repeated item counts at its first mention
+        ([], 0.0, 0.0, 0.0),
+    ],
+)
+def test_score_answer_by_hand(predicted, exact, order, recall):
+    assert score_answer(predicted, ["a", "b", "c"]) == pytest.approx(
+        {"exact_match": exact, "order_accuracy": order, "item_recall": recall}
+    )
+
+
+def test_examples_follow_the_prompt_order():
+    examples = make_examples(TASK, 200, random.Random(0))
+    assert examples == make_examples(TASK, 200, random.Random(0))
+    reversed_count = 0
+    for ex in examples:
+        head, listed = ex.prompt.removesuffix(" =>").split(":")
+        items = parse_answer(listed)
+        assert TASK["min_items"] <= len(items) <= TASK["max_items"] and len(set(items)) == len(items)
+        assert set(items) <= set(TASK["items"])
+        reverse = head == "list in reverse"
+        reversed_count += reverse
+        assert list(ex.gold) == (items[::-1] if reverse else items)
+        assert ex.answer == format_answer(ex.gold)
+    assert 60 < reversed_count < 140  # reverse_fraction 0.5
+
+
+def test_perturbations_make_one_specific_error():
+    rng = random.Random(1)
+    gold = ["red", "cat", "seven", "sun"]
+    for _ in range(50):
+        omitted = perturb(gold, "omission", TASK["items"], rng)
+        assert len(omitted) == 3 and [g for g in gold if g in omitted] == omitted
+        replaced = perturb(gold, "replacement", TASK["items"], rng)
+        changed = [i for i, (a, b) in enumerate(zip(gold, replaced)) if a != b]
+        assert len(replaced) == 4 and len(changed) == 1 and replaced[changed[0]] not in gold
+        swapped = perturb(gold, "reordering", TASK["items"], rng)
+        changed = [i for i, (a, b) in enumerate(zip(gold, swapped)) if a != b]
+        assert sorted(swapped) == sorted(gold) and len(changed) == 2
+        assert swapped[changed[0]] == gold[changed[1]] and swapped[changed[1]] == gold[changed[0]]
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        perturb(gold, "insertion", TASK["items"], rng)
+
+
+def test_preference_pairs_put_gold_first_with_distinct_perturbations():
+    examples = make_examples(TASK, 30, random.Random(2))
+    rows = preference_pairs(examples, TASK, random.Random(3))
+    assert len(rows) == 30 * TASK["pairs_per_prompt"]
+    for k, ex in enumerate(examples):
+        group = rows[k * TASK["pairs_per_prompt"]:(k + 1) * TASK["pairs_per_prompt"]]
+        assert all(r["prompt"] == ex.prompt and r["chosen"] == ex.answer != r["rejected"] for r in group)
+        assert len({r["perturbation"] for r in group}) == len(group)
+
+
+def test_bootstrap_matches_a_naive_loop():
+    values = [1.0, 0.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0]
+    rng = np.random.default_rng(7)
+    means = sorted(float(np.mean([values[i] for i in rng.integers(0, len(values), len(values))]))
+                   for _ in range(500))
+    lo, hi = bootstrap_ci(values, 500, seed=7)
+    assert lo == pytest.approx(np.percentile(means, 2.5)) and hi == pytest.approx(np.percentile(means, 97.5))
+    assert bootstrap_ci([0.25] * 10, 100, seed=0) == pytest.approx((0.25, 0.25))
+
+
+def test_paired_difference_and_error_counts():
+    gold = ["a", "b", "c"]
+    scored = lambda outputs: [{"output": o, "gold": gold, **score_answer(parse_answer(o), gold)} for o in outputs]
+    before, after = scored(["a, b", "a, c, b", "a, b, c"]), scored(["a, b, c"] * 3)
+    diff = paired_difference(before, after, 200, seed=0)
+    assert diff["exact_match"]["mean"] == pytest.approx(2 / 3)
+    assert diff["order_accuracy"]["mean"] == pytest.approx((2 / 3 + 1 / 3) / 3)
+    assert diff["item_recall"]["mean"] == pytest.approx(1 / 9)
+    assert error_counts(before) == {"exact": 1, "missing_item": 1, "extra_item": 0, "order_only": 1}
+    assert error_counts([{"output": "a, x, c", "gold": gold, "exact_match": 0.0}])["extra_item"] == 1
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(SystemExit, match="unknown; available"):
+        load_demo_config(DEFAULT_CONFIG, quick=False, loss="nope")
+    with pytest.raises(SystemExit, match="sft.train.max_stepz"):
+        load_demo_config(DEFAULT_CONFIG, quick=False, loss="dpo", settings=["sft.train.max_stepz=3"])
+    cfg = load_demo_config(DEFAULT_CONFIG, quick=False, loss="kto", settings=["align.train.max_steps=7"])
+    assert cfg["align"]["loss"] == {"kto": {"beta": 0.1}} and cfg["align"]["train"]["max_steps"] == 7
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [1]\n")
+    with pytest.raises(SystemExit, match="bad.yaml: section `task`"):
+        load_demo_config(bad, quick=False, loss="dpo")
+
+
+def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert text.main(["--quick", "--out", str(out), "--seed", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["loss"] == "dpo" and set(report["models"]) == {"sft", "aligned"}
+    assert "| exact_match |" in (out / "report.md").read_text()
+    # the report's means are the means of the scored generations, and the scores are those of the outputs
+    for name in ("sft", "aligned"):
+        rows = json.loads((out / f"eval_{name}.done").read_text())["result"]["rows"]
+        assert len(rows) == report["data"]["eval_prompts"]
+        for r in rows:
+            assert {k: r[k] for k in text.METRICS} == score_answer(parse_answer(r["output"]), r["gold"])
+        for m in text.METRICS:
+            s = report["models"][name][m]
+            assert s["mean"] == pytest.approx(np.mean([r[m] for r in rows]))
+            assert s["ci_low"] <= s["mean"] <= s["ci_high"]
+    train_prompts = {json.loads(line)["prompt"] for line in (out / "data" / "prefs.jsonl").read_text().splitlines()}
+    eval_prompts = {r["prompt"] for r in rows}
+    assert not train_prompts & eval_prompts  # held out
+    capsys.readouterr()
+
+    # an unpaired loss on the same pairs; data, model and SFT stages come from the cache
+    assert text.main(["--quick", "--out", str(out), "--seed", "1", "--loss", "kto"]) == 0
+    log = capsys.readouterr().out
+    assert "[sft] cached" in log and "[model] cached" in log and "[eval_sft] cached" in log
+    assert "[align] cached" not in log
+    kto = json.loads((out / "report.json").read_text())
+    assert kto["loss"] == "kto" and kto["models"]["sft"] == report["models"]["sft"]
+    assert yaml.safe_load((out / "align" / "config.yaml").read_text())["loss"] == {"kto": {"beta": 0.1}}
+
+
+def test_example_dataclass_answer():
+    assert Example("list: a, b =>", ("a", "b")).answer == " a, b"
