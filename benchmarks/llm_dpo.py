@@ -3,9 +3,9 @@
 For each reference mode (a separate frozen copy, the LoRA-disabled policy, reference log-probs precomputed once),
 both trainers run the same number of DPO steps, each in its own subprocess so that peak memory is clean:
 
-* throughput: pairs per second over the steps after a warm-up, from per-step wall-clock stamps (mmpref: the
-  engine's ``elapsed_s`` in ``metrics.jsonl``; TRL: a ``TrainerCallback``). What users run: ``mmpref.training.train``
-  and ``DPOTrainer.train``.
+* throughput: pairs per second over the steps after a warm-up, from wall-clock and CPU-time stamps at the end of
+  every step (mmpref: a hook on the engine's per-step log call; TRL: a ``TrainerCallback``). What users run:
+  ``mmpref.training.train`` and ``DPOTrainer.train``.
 * peak memory: the process's peak RSS (``ru_maxrss``) minus its RSS once the libraries are imported, so it counts
   models, optimizer state, activations, the reference pass and (cached mode) the precompute pass, not imports.
 * a check that both compute the same DPO loss on the first batch, with a reference that differs from the policy
@@ -13,8 +13,9 @@ both trainers run the same number of DPO steps, each in its own subprocess so th
 
 Settings are equal on both sides: float32, no gradient checkpointing (TRL defaults to it, and to bf16 autocast),
 torch AdamW, constant LR, gradient clipping at 1.0, no dataloader workers, no checkpoints inside the timed steps.
+One torch thread per run by default (``--threads``): see docs/benchmarks.md for why.
 
-    python benchmarks/llm_dpo.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/llm_dpo.py            # full run (about 5 minutes on a busy 2-core machine)
     python benchmarks/llm_dpo.py --quick    # a smoke run: smaller model, fewer steps
 
 Needs TRL (``pip install -e .[bench]``); writes ``benchmarks/results/llm_dpo[_quick].json``.
