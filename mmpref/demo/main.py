@@ -54,7 +54,7 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     from mmpref.demo.report import write_report
     from mmpref.demo.stages import DemoConfig, set_threads
 
-    set_threads()
+    threads = set_threads()
     config = Path(args.config) if args.config else CONFIG_DIR / ("demo_quick.yaml" if args.quick else "demo.yaml")
     try:
         cfg = DemoConfig.load(config).scaled(args.scale) if config.exists() else DemoConfig().scaled(args.scale)
@@ -66,7 +66,7 @@ def run_audio_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     mode = ("quick" if args.quick else "default") + (f", scale {args.scale:g}" if args.scale != 1 else "")
-    print(f"mmpref demo ({mode}): config {config}, output {out}/")
+    print(f"mmpref demo ({mode}): config {config}, output {out}/, {threads} torch thread(s)")
     results, timings = {}, {}
     for seed in range(cfg.seed, cfg.seed + args.seeds):
         start = time.perf_counter()

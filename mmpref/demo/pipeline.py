@@ -33,7 +33,7 @@ from mmpref.demo.stages import (
 )
 from mmpref.demo.train_parts import GriffinLimVocoder, save_dir_atomic
 
-UNCOND_SEED_OFFSET = 7
+JUDGE_VERSION = 1  # bump when the judge's code changes: the machine-wide judge cache is keyed by it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,17 +42,29 @@ UNCOND_SEED_OFFSET = 7
 
 
 def judge_stage(cfg: DemoConfig, out: Path) -> dict:
+    """Fit the judge (or take it from the machine-wide cache: it depends only on its settings) and validate it."""
+    import hashlib
+    import shutil
+
+    from mmpref.data.audio import cache_root
     from mmpref.demo.judge import Judge, evaluate
 
     def fit() -> dict:
         world = World0(cfg)
-        judge = Judge.fit(world, n=cfg.judge.n, seed=1, epochs=cfg.judge.epochs)
+        key = hashlib.sha256(json.dumps([cfg.judge.n, cfg.judge.epochs, cfg.duration_s, JUDGE_VERSION]).encode())
+        cached = cache_root() / "demo" / f"judge-{key.hexdigest()[:16]}.pt"
+        if not cached.exists():
+            judge = Judge.fit(world, n=cfg.judge.n, seed=1, epochs=cfg.judge.epochs)
+            tmp = judge.save(cached.with_name(f".{cached.name}.tmp"))
+            tmp.replace(cached)
+        (out / "judge").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, out / "judge" / ".judge.pt.tmp")
+        (out / "judge" / ".judge.pt.tmp").replace(out / "judge" / "judge.pt")
+        judge = Judge.load(out / "judge" / "judge.pt")
         test = world.make_corpus(cfg.judge.n_test, seed=12345)
         clean = evaluate(judge, test, "clean")
         gl = evaluate(judge, test, "griffinlim")
-        tmp = judge.save(out / "judge" / ".judge.pt.tmp")
-        tmp.replace(out / "judge" / "judge.pt")
-        return {"clean": clean, "griffinlim": gl,
+        return {"clean": clean, "griffinlim": gl, "checkpoint": str(cached),
                 "line": f"judge on {cfg.judge.n_test} clean clips: exact {clean['exact_match']:.3f}, "
                         f"event recall {clean['event_recall']:.3f}, order {clean['order_accuracy']:.3f} "
                         f"(Griffin-Lim copies: exact {gl['exact_match']:.3f})"}
@@ -416,8 +428,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
     """All stages for one seed; returns every stage's summary (also in the ``*.done.json`` markers)."""
     run = out / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, dict] = {"judge": judge_stage(cfg, out)}
-    stages["corpus"] = corpus_stage(cfg, run, seed)
+    stages: dict[str, dict] = {"corpus": corpus_stage(cfg, run, seed)}
     stages["vae"] = vae_stage(cfg, run, seed)
     stages["pipeline"] = init_pipeline_stage(cfg, run, seed)
     stages["unet"] = unet_stage(cfg, run, seed)
@@ -425,6 +436,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
     base = stages["unet"]["final_dir"]
     stages["synth"] = synth_stage(cfg, run, seed, base)
     stages["align"] = align_stage(cfg, run, seed, base, stages["synth"]["grouped_jsonl"])
+    stages["judge"] = judge_stage(cfg, out)  # the measuring instrument: needed from here on only
     stages["eval"] = eval_stage(cfg, run, seed, out / "judge" / "judge.pt",
                                 {"base": base, "aligned": stages["align"]["final_dir"]})
     return stages

@@ -30,7 +30,7 @@ class GriffinLimVocoder(nn.Module):
     ``dtype``). Phases start from a fixed seed, so a mel always gives the same wave.
     """
 
-    def __init__(self, mel_config: MelConfig, n_iter: int = 32, seed: int = 0):
+    def __init__(self, mel_config: MelConfig, n_iter: int = 16, seed: int = 0):
         super().__init__()
         self.mel_config, self.n_iter, self.seed = mel_config, n_iter, seed
         self.config = SimpleNamespace(sampling_rate=mel_config.sample_rate, model_in_dim=mel_config.n_mels)
@@ -73,6 +73,8 @@ def train_vae(vae: nn.Module, mels: torch.Tensor, steps: int, batch_size: int = 
     UNet sees unit-variance latents. Returns the loss per step.
     """
     gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # start the decoder at the mean log-mel (~ -8): no steps spent learning the offset
+        vae.decoder.conv_out.bias.fill_(float(mels.mean()))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     vae.train()
