@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -164,3 +165,23 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
 
 def test_example_dataclass_answer():
     assert Example("list: a, b =>", ("a", "b")).answer == " a, b"
+
+
+def test_stages_cache_by_fingerprint_and_rerun_when_stale(tmp_path):
+    stages, calls = text.Stages(tmp_path), []
+
+    def stage(tag: str):
+        def fn():
+            calls.append(tag)
+            (tmp_path / "s" / f"{tag}.txt").write_text(tag)
+            return {"final": str(tmp_path / "s")}, f"ran {tag}"
+        return fn
+
+    assert stages.run("s", "k1", stage("a")) == {"final": str(tmp_path / "s")}
+    stages.run("s", "k1", stage("b"))  # cached: not called
+    assert calls == ["a"]
+    stages.run("s", "k2", stage("c"))  # another fingerprint: the old stage directory is wiped first
+    assert calls == ["a", "c"] and not (tmp_path / "s" / "a.txt").exists()
+    shutil.rmtree(tmp_path / "s")  # the cached result's directory vanished: run again
+    stages.run("s", "k2", stage("d"))
+    assert calls == ["a", "c", "d"]

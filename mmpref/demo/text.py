@@ -9,8 +9,11 @@ loss of the core (``--loss``; unpaired kto/bco read the pairs as desirable/undes
 engine. Greedy generations on held-out prompts are scored before and after alignment (exact match, order accuracy,
 item recall) with bootstrap confidence intervals, and written to ``report.md`` / ``report.json``.
 
-Stages (data, model, sft, align, eval) are cached in the output directory under a fingerprint of everything they
-depend on, so a rerun skips finished stages and an interrupted training resumes from its checkpoint.
+A compute-matched control continues SFT on the gold answers for as many steps as the alignment took, so the report
+shows whether the preference loss beats simply training longer (``eval.control`` in the config).
+
+Stages (data, model, sft, align, control, eval) are cached in the output directory under a fingerprint of everything
+they depend on, so a rerun skips finished stages and an interrupted training resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ class Stages:
         marker = self.out / f"{name}.done"
         if marker.exists():
             done = json.loads(marker.read_text())
-            if done["fingerprint"] == key:
+            if done["fingerprint"] == key and _outputs_exist(done["result"]):
                 print(f"[{name}] cached ({done['summary']})")
                 return done["result"]
         marker.unlink(missing_ok=True)
@@ -186,6 +189,12 @@ class Stages:
         print(f"[{name}] {summary}")
         write_atomic(marker, json.dumps({"fingerprint": key, "summary": summary, "result": result}))
         return result
+
+
+def _outputs_exist(result: Any) -> bool:
+    """The model directories a cached stage points to are still there (else the stage runs again)."""
+    paths = [result.get(k) for k in ("path", "final")] if isinstance(result, dict) else []
+    return all(os.path.isdir(p) for p in paths if isinstance(p, str))
 
 
 def _stage_fingerprint(stage_dir: Path) -> str | None:
