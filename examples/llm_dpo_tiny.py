@@ -71,7 +71,8 @@ def main() -> None:
     result = train(cfg)
     took = time.perf_counter() - started
     after = heldout_accuracy(adapter, result.policy.eval())
-    print(f"trained {result.step} steps in {took:.1f} s; final train loss {result.metrics.get('loss', float('nan')):.4f}")
+    final_loss = result.metrics.get("loss", float("nan"))
+    print(f"trained {result.step} steps in {took:.1f} s; final train loss {final_loss:.4f}")
     print(f"held-out implicit reward accuracy: before {before:.3f} -> after {after:.3f} (chance 0.5)")
     print(f"model saved to {result.final_dir}")
 

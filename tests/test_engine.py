@@ -111,7 +111,8 @@ def test_rerunning_a_finished_run_is_a_no_op(tmp_path: Path):
 
 def test_keeps_the_last_n_checkpoints(tmp_path: Path):
     res = run(toy_config(tmp_path, train={"max_steps": 5, "save_every": 1, "keep_checkpoints": 2}))
-    assert [p.name for p in complete_checkpoints(Path(res.output_dir))] == ["checkpoint-00000004", "checkpoint-00000005"]
+    names = [p.name for p in complete_checkpoints(Path(res.output_dir))]
+    assert names == ["checkpoint-00000004", "checkpoint-00000005"]
     assert res.checkpoint.endswith("checkpoint-00000005")
     assert not list(Path(res.output_dir).glob("*.tmp"))
 
