@@ -80,7 +80,8 @@ def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
 
 def test_order_accuracy_ignores_single_event_captions_and_deltas_are_paired():
     def row(order, recall, events):
-        return {"order_correct": order, "event_recall": recall, "exact_match": 0.0, "clap": 0.1, "events": events}
+        return {"order_correct": order, "event_recall": recall, "event_precision": 1.0, "exact_match": 0.0,
+                "clap": 0.1, "events": events}
 
     base = [row(1.0, 1.0, 1), row(0.0, 0.5, 2), row(0.0, 0.5, 3)]
     aligned = [row(1.0, 1.0, 1), row(1.0, 1.0, 2), row(0.5, 1.0, 3)]
@@ -115,3 +116,23 @@ def test_quick_demo_end_to_end(tmp_path):
     # a second run resumes from the markers and reproduces the report's numbers
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "report.json").read_text())["seeds"]["0"]["eval"] == ev
+
+
+def test_modality_text_dispatches_to_the_text_demo_without_the_flag(monkeypatch):
+    import mmpref.demo.text as text
+    from mmpref.demo.main import main
+
+    seen = []
+    monkeypatch.setattr(text, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert main(["--modality", "text", "--quick", "--out", "text"]) == 0
+    assert main(["--modality=text"]) == 0
+    assert seen == [["--quick", "--out", "text"], []]
+
+
+def test_bad_demo_config_key_is_named(tmp_path):
+    from mmpref.demo.stages import DemoConfig
+
+    bad = tmp_path / "demo.yaml"
+    bad.write_text("vae: {stepz: 3}\n")
+    with pytest.raises(ValueError, match=r"demo.yaml.*vae\.stepz"):
+        DemoConfig.load(bad)

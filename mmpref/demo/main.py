@@ -36,14 +36,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.modality == "text":
         from mmpref.demo import text
 
-        rest = [a for a in argv if a not in ("--modality", "text", "--modality=text")]
-        code = text.main(rest)
+        code = text.main(_without_modality(argv))
         return code if isinstance(code, int) else 0
     args = _parser().parse_args(argv)
     if args.seeds < 1 or args.scale <= 0:
         print("mmpref demo: --seeds must be >= 1 and --scale > 0", file=sys.stderr)
         return 2
     return run_audio_demo(args)
+
+
+def _without_modality(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--modality X`` / ``--modality=X`` (the text demo has its own parser)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--modality":
+            skip = True
+        elif not a.startswith("--modality="):
+            out.append(a)
+    return out
 
 
 def run_audio_demo(args: argparse.Namespace) -> int:

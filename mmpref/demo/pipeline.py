@@ -411,7 +411,7 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
 
 def _eval_line(summary: dict) -> str:
     parts = []
-    for metric in ("event_recall", "order_accuracy", "exact_match", "clap"):
+    for metric in ("event_recall", "event_precision", "order_accuracy", "exact_match", "clap"):
         b, a, d = (summary["models"]["base"][metric], summary["models"]["aligned"][metric],
                    summary["delta"][metric])
         parts.append(f"{metric} {b['mean']:.3f} -> {a['mean']:.3f} (delta {d['mean']:+.3f} "

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("event_recall", "order_accuracy", "exact_match", "clap")
+# event_precision guards event_recall: a model that makes every sound at once would max recall, not precision
+METRICS = ("event_recall", "event_precision", "order_accuracy", "exact_match", "clap")
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> dict[str, float]:
@@ -85,8 +86,8 @@ def plot_training_curves(metrics_file: Path, path: Path) -> Path:
 def plot_before_after(summary: dict, path: Path) -> Path:
     """Bars of base vs aligned per judge metric, with 95% bootstrap intervals."""
     plt = _plt()
-    metrics = METRICS[:3]
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    metrics = METRICS[:4]
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
     x = np.arange(len(metrics))
     for i, name in enumerate(("base", "aligned")):
         ci = [summary["models"][name][m] for m in metrics]
