@@ -243,7 +243,7 @@ def _trl_trainer(
         gradient_checkpointing=False,
         max_length=s.max_length,
         beta=s.beta,
-        loss_type=["sigmoid"],
+        loss_type="sigmoid",
         precompute_ref_log_probs=mode == "cached",
         seed=s.seed,
         dataloader_num_workers=0,
