@@ -1,4 +1,5 @@
-"""Audio frontend: log-mel equals librosa (AudioLDM's convention), soxr resampling, soundfile round trips."""
+"""Audio frontend: log-mel equals librosa (AudioLDM's convention), its Griffin-Lim inverse, soxr resampling,
+soundfile round trips."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from mmpref.audio import AudioFileError, LogMel, MelConfig, frames_for, load_audio, mel_basis, resample, save_audio
+from mmpref.audio import (
+    AudioFileError,
+    GriffinLimVocoder,
+    LogMel,
+    MelConfig,
+    frames_for,
+    griffin_lim,
+    load_audio,
+    mel_basis,
+    mel_to_magnitude,
+    resample,
+    save_audio,
+)
 
 CFG = MelConfig()
 
@@ -102,3 +115,62 @@ def test_errors_name_the_path(tmp_path):
             load_audio(p)
     with pytest.raises(AudioFileError, match="x.xyz"):
         save_audio(tmp_path / "x.xyz", np.zeros(10), 16000)
+
+
+# ---------------------------------------------------------------------------------------------- Griffin-Lim
+
+
+def _tango_logmel(y: np.ndarray) -> torch.Tensor:
+    """Log-mel with Tango's crop (``T // hop`` frames), float64."""
+    return LogMel(CFG)(torch.from_numpy(y))[: len(y) // CFG.hop_length]
+
+
+def _event_signal(n: int = 16000, seed: int = 0) -> np.ndarray:
+    """A decaying tone, a chirp and a little noise: harmonic and broadband content for the inversion."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / CFG.sample_rate
+    return (0.3 * np.sin(2 * np.pi * 440 * t) * np.exp(-3 * t) + 0.2 * np.sin(2 * np.pi * (300 + 900 * t) * t)
+            + 0.05 * rng.standard_normal(n))
+
+
+def test_mel_to_magnitude_is_least_squares():
+    logmel = _tango_logmel(_event_signal())
+    ref = np.linalg.lstsq(mel_basis(CFG), np.exp(logmel.numpy()).T, rcond=None)[0]  # min-norm least squares
+    np.testing.assert_allclose(mel_to_magnitude(logmel, CFG).numpy(), np.maximum(ref, 0), atol=1e-9)
+
+
+def test_griffin_lim_round_trip_error():
+    y = _event_signal()
+    logmel = _tango_logmel(y)
+    err = {}
+    for n_iter in (0, 32):
+        wave = griffin_lim(logmel, CFG, n_iter, torch.Generator().manual_seed(0))
+        assert wave.shape == (len(y),) and wave.dtype == torch.float64
+        err[n_iter] = float((_tango_logmel(wave.numpy()) - logmel).abs().mean())
+    # measured: 0.978 with random phases only, 0.0943 after 32 fast iterations (0.104 with momentum 0)
+    assert err[32] < 0.12 and err[0] > 0.8
+    classic = griffin_lim(logmel, CFG, 32, torch.Generator().manual_seed(0), momentum=0.0)
+    assert err[32] < float((_tango_logmel(classic.numpy()) - logmel).abs().mean()) < 0.12
+
+
+def test_griffin_lim_seeded_and_float32():
+    logmel = _tango_logmel(_event_signal(8000))
+    a = griffin_lim(logmel, CFG, 8, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, griffin_lim(logmel, CFG, 8, torch.Generator().manual_seed(3)), rtol=0, atol=0)
+    assert (a - griffin_lim(logmel, CFG, 8, torch.Generator().manual_seed(4))).abs().max() > 1e-3
+    single = griffin_lim(logmel.float(), CFG, 8, torch.Generator().manual_seed(3))
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), a, atol=1e-4, rtol=0)
+
+
+def test_griffin_lim_vocoder_batch_invariant():
+    mels = torch.stack([_tango_logmel(_event_signal(8000, s)) for s in range(2)]).float()
+    vocoder = GriffinLimVocoder(CFG, n_iter=4, seed=1)
+    both = vocoder(mels)
+    assert both.shape == (2, 8000) and both.dtype == torch.float32
+    torch.testing.assert_close(vocoder(mels[1:]), both[1:], rtol=0, atol=1e-6)  # same wave whatever the batch
+    assert GriffinLimVocoder.from_dict(vocoder.to_dict(), CFG).to_dict() == {"n_iter": 4, "seed": 1, "momentum": 0.99}
+    with pytest.raises(ValueError, match="n_mels=64"):
+        griffin_lim(torch.zeros(10, 80), CFG)
+    with pytest.raises(ValueError, match="unknown settings"):
+        GriffinLimVocoder.from_dict({"iters": 3}, CFG)
