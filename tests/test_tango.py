@@ -179,3 +179,56 @@ def test_generate_cli(pipe, tmp_path):
     wave = load_audio(tmp_path / "out" / records[0]["file"])
     expected = pipe(["a dog barks"], duration_s=0.5, num_inference_steps=2, seed=4, num_samples_per_prompt=2)[0]
     np.testing.assert_allclose(wave, expected, atol=2 / 32768)  # PCM-16 WAV
+
+
+def _without_neural_vocoder(pipe: TangoPipeline, vocoder) -> TangoPipeline:
+    return TangoPipeline(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, vae=pipe.vae,
+                         vocoder=vocoder, scheduler=pipe.scheduler, mel_config=pipe.mel_config)
+
+
+def test_output_types_agree(pipe):
+    latents = pipe(PROMPTS[:2], seed=5, output_type="latent", **KW)
+    assert isinstance(latents, torch.Tensor) and latents.shape == (2, *pipe.latent_shape(1.0))
+    mels = pipe(PROMPTS[:2], seed=5, output_type="mel", batch_size=1, **KW)
+    assert mels.shape == (2, 4 * latents.shape[2], pipe.mel_config.n_mels)
+    torch.testing.assert_close(mels, pipe.decode_latents(latents), rtol=0, atol=1e-5)
+    waves = pipe(PROMPTS[:2], seed=5, **KW)
+    np.testing.assert_allclose(waves, pipe.mel_to_wave(mels)[:, :16000].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(PROMPTS[:1], output_type="np", **KW)
+
+
+def test_griffin_lim_vocoder_round_trips(pipe, tmp_path):
+    from mmpref.audio import GriffinLimVocoder
+
+    with pytest.raises(ValueError, match="griffin_lim"):
+        _without_neural_vocoder(pipe, "hifigan")
+    mels = pipe(PROMPTS[:1], seed=2, output_type="mel", **KW)
+    expected = GriffinLimVocoder(pipe.mel_config)(mels)  # the default settings
+    for vocoder, saved in ((None, None), ("griffin_lim", ["mmpref", "GriffinLimVocoder"])):
+        gl = _without_neural_vocoder(pipe, vocoder)
+        torch.testing.assert_close(gl.mel_to_wave(mels), expected, rtol=0, atol=0)
+        gl.save_pretrained(tmp_path / str(vocoder))
+        meta = json.loads((tmp_path / str(vocoder) / "pipeline.json").read_text())
+        assert meta["components"]["vocoder"] == saved and not (tmp_path / str(vocoder) / "vocoder").exists()
+        assert TangoPipeline.from_pretrained(tmp_path / str(vocoder)).vocoder.__class__ is gl.vocoder.__class__
+    custom = _without_neural_vocoder(pipe, GriffinLimVocoder(pipe.mel_config, n_iter=3, seed=9))
+    loaded = TangoPipeline.from_pretrained(custom.save_pretrained(tmp_path / "custom"))
+    assert (loaded.vocoder.n_iter, loaded.vocoder.seed) == (3, 9)
+    torch.testing.assert_close(loaded.mel_to_wave(mels), custom.mel_to_wave(mels), rtol=0, atol=0)
+
+
+def test_generate_cli_without_neural_vocoder(pipe, tmp_path):
+    from mmpref.models.tango.generate import main
+
+    _without_neural_vocoder(pipe, None).save_pretrained(tmp_path / "m")
+    rc = main(["--model", str(tmp_path / "m"), "--prompt", "a beep, then a bell", "--out", str(tmp_path / "out"),
+               "--steps", "2", "--duration", "0.5", "--seed", "1"])
+    assert rc == 0
+    record = json.loads((tmp_path / "out" / "generations.jsonl").read_text())
+    wave = load_audio(tmp_path / "out" / record["file"])
+    mel = pipe(["a beep, then a bell"], duration_s=0.5, num_inference_steps=2, seed=1, output_type="mel")
+    expected = _without_neural_vocoder(pipe, None).mel_to_wave(mel)[0, :8000].numpy()
+    assert wave.shape == (8000,) and np.abs(expected).max() > 1e-3
+    # PCM-16 WAV of the Griffin-Lim wave (clipped: a random VAE's log-mels are loud)
+    np.testing.assert_allclose(wave, np.clip(expected, -1, 1), atol=2 / 32768)

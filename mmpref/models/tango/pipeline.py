@@ -3,8 +3,11 @@
 text (T5 encoder) -> UNet2DConditionModel denoises VAE latents (B, 8, frames/4, n_mels/4) with classifier-free
 guidance -> AutoencoderKL decodes a log-mel (B, frames, 64) -> SpeechT5HifiGan vocoder -> 16 kHz wave.
 
+A pipeline without a trained vocoder (``vocoder=None`` or ``"griffin_lim"``) turns log-mels into waves with
+:class:`~mmpref.audio.GriffinLimVocoder` (no weights; crude but always available).
+
 Every part is saved in its own subfolder with its own ``save_pretrained`` (safetensors); ``pipeline.json`` names
-the classes and holds the :class:`~mmpref.audio.MelConfig`.
+the classes and holds the :class:`~mmpref.audio.MelConfig` (and the Griffin-Lim settings, when that is the vocoder).
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmpref.audio import LogMel, MelConfig, samples_for
+from mmpref.audio import GRIFFIN_LIM, GriffinLimVocoder, LogMel, MelConfig, samples_for
 from mmpref.models.tango import presets
 
 PIPELINE_FILE = "pipeline.json"
@@ -36,20 +39,26 @@ _LOADABLE = {
     ("diffusers", "DDPMScheduler"),
     ("diffusers", "DDIMScheduler"),
 }
+_GRIFFIN_LIM_SPEC = ("mmpref", "GriffinLimVocoder")  # pipeline.json's name for the weight-free vocoder
+OUTPUT_TYPES = ("wave", "mel", "latent")
 
 
 class TangoPipeline:
-    """Holds the parts; see the module docstring. All inference methods run under ``torch.no_grad``."""
+    """Holds the parts; see the module docstring. All inference methods run under ``torch.no_grad``.
+
+    ``vocoder``: a neural vocoder (``SpeechT5HifiGan``), a :class:`~mmpref.audio.GriffinLimVocoder`, the string
+    ``"griffin_lim"`` (a default one), or None (no vocoder saved; :meth:`mel_to_wave` falls back to a default
+    Griffin-Lim).
+    """
 
     def __init__(self, text_encoder, tokenizer, unet, vae, vocoder, scheduler, mel_config: MelConfig | None = None):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.unet = unet
         self.vae = vae
-        self.vocoder = vocoder
         self.scheduler = scheduler
-        self.mel_config = mel_config or MelConfig(sample_rate=vocoder.config.sampling_rate,
-                                                  n_mels=vocoder.config.model_in_dim)
+        self.mel_config = mel_config or _mel_config_of(vocoder)
+        self.vocoder = _resolve_vocoder(vocoder, self.mel_config)
         self.log_mel = LogMel(self.mel_config)
         for m in self._modules().values():
             m.eval()
@@ -83,17 +92,23 @@ class TangoPipeline:
         except OSError as e:
             raise FileNotFoundError(f"{path} is not a TangoPipeline folder (no readable {PIPELINE_FILE})") from e
         parts = {}
+        mel_config = MelConfig.from_dict(meta["mel_config"])
         for name in COMPONENTS:
             spec = meta["components"].get(name)
             if name in overrides:
                 parts[name] = overrides.pop(name)
+            elif spec is not None and tuple(spec) == _GRIFFIN_LIM_SPEC:
+                try:
+                    parts[name] = GriffinLimVocoder.from_dict(meta.get("griffin_lim", {}), mel_config)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{path / PIPELINE_FILE}: bad 'griffin_lim' settings: {e}") from e
             elif spec is not None:
                 parts[name] = _load_component(path / name, tuple(spec), torch_dtype)
             else:
                 parts[name] = None
         if overrides:
             raise TypeError(f"unknown TangoPipeline parts: {sorted(overrides)}")
-        return cls(**parts, mel_config=MelConfig.from_dict(meta["mel_config"]))
+        return cls(**parts, mel_config=mel_config)
 
     @classmethod
     def from_tango_checkpoint(cls, path_or_dir: str | os.PathLike, **kwargs: Any) -> TangoPipeline:
@@ -106,16 +121,21 @@ class TangoPipeline:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         components = {}
+        meta: dict[str, Any] = {"_class_name": type(self).__name__, "mel_config": self.mel_config.to_dict()}
         for name in COMPONENTS:
             part = getattr(self, name)
             if part is None:
                 components[name] = None
                 continue
+            if isinstance(part, GriffinLimVocoder):  # settings only: nothing to save in a subfolder
+                components[name] = list(_GRIFFIN_LIM_SPEC)
+                meta["griffin_lim"] = part.to_dict()
+                continue
             part.save_pretrained(path / name)
             lib = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
             cls_name = "AutoTokenizer" if name == "tokenizer" else type(part).__name__
             components[name] = [lib, cls_name]
-        meta = {"_class_name": type(self).__name__, "mel_config": self.mel_config.to_dict(), "components": components}
+        meta["components"] = components
         tmp = path / f".{PIPELINE_FILE}.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, path / PIPELINE_FILE)  # written last: its presence marks a complete folder
@@ -124,7 +144,7 @@ class TangoPipeline:
     # ------------------------------------------------------------------ placement
     def _modules(self) -> dict[str, torch.nn.Module]:
         names = ("text_encoder", "unet", "vae", "vocoder", "log_mel")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in names if isinstance(getattr(self, n), torch.nn.Module)}
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TangoPipeline:
         """Move every model (``dtype`` applies to the networks, not to the float64 mel filters)."""
@@ -203,8 +223,12 @@ class TangoPipeline:
         """Log-mel ``(B, frames, n_mels)`` -> float32 wave ``(B, frames * hop)``.
 
         AudioLDM's HiFi-GAN emits ``frames * hop + 32`` samples (its transposed-conv padding); the tail is cut.
+        Without a neural vocoder, Griffin-Lim runs on the mel's device (``vocoder=None``: default settings).
         """
-        wave = self.vocoder(mel.to(device=self.vocoder.device, dtype=self.vocoder.dtype)).float()
+        vocoder = self.vocoder if self.vocoder is not None else GriffinLimVocoder(self.mel_config)
+        if isinstance(vocoder, GriffinLimVocoder):
+            return vocoder(mel)
+        wave = vocoder(mel.to(device=vocoder.device, dtype=vocoder.dtype)).float()
         return wave[:, : mel.shape[1] * self.mel_config.hop_length]
 
     # ------------------------------------------------------------------ sampling
@@ -220,28 +244,49 @@ class TangoPipeline:
         batch_size: int | None = None,
         num_samples_per_prompt: int = 1,
         progress: bool = False,
-    ) -> np.ndarray:
-        """Generate ``(N, duration_s * sr)`` float32 audio, ``N = len(prompts) * num_samples_per_prompt``
-        (prompt-major order).
+        output_type: Literal["wave", "mel", "latent"] = "wave",
+        desc: str = "tango",
+    ) -> np.ndarray | torch.Tensor:
+        """Generate ``N = len(prompts) * num_samples_per_prompt`` samples (prompt-major order).
+
+        ``output_type`` says where to stop (diffusers-style):
+
+        * ``"wave"`` (default): float32 numpy audio ``(N, duration_s * sr)``;
+        * ``"mel"``: the VAE's log-mels, a CPU float32 tensor ``(N, 4 T', n_mels)`` (``T'`` latent frames: not
+          cropped to the duration, exactly :meth:`decode_latents` of the latents);
+        * ``"latent"``: the scaled latents, a CPU float32 tensor ``(N, C, T', F')`` (:meth:`latent_shape`).
 
         Randomness is per sample: sample ``i`` uses its own CPU generator, seeded from ``(seed, i)``, for its
         initial noise and for every DDPM step, so results depend on neither ``batch_size`` nor the device's RNG.
         ``generator`` may instead be one generator (per-sample seeds are drawn from it) or a list of N.
+        ``desc`` labels the progress bar.
         """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num_samples_per_prompt)]
         gens = _sample_generators(len(prompts), generator, seed)
         bs = batch_size or len(prompts)
-        n_samples = samples_for(duration_s, self.mel_config)
-        bar = tqdm(total=len(prompts) * num_inference_steps, disable=not progress, desc="tango", unit="step")
+        bar = tqdm(total=len(prompts) * num_inference_steps, disable=not progress, desc=desc, unit="step")
         out = []
         for start in range(0, len(prompts), bs):
             sl = slice(start, start + bs)
             latents = self._denoise(prompts[sl], gens[sl], duration_s, num_inference_steps, guidance_scale, bar)
-            wave = self.mel_to_wave(self.decode_latents(latents))
-            out.append(_fit_length(wave, n_samples).cpu().numpy())
+            out.append(self._finish(latents, output_type, duration_s))
         bar.close()
-        return np.concatenate(out, axis=0).astype(np.float32)
+        if output_type == "wave":
+            return np.concatenate(out, axis=0).astype(np.float32)
+        return torch.cat(out)
+
+    def _finish(self, latents: torch.Tensor, output_type: str, duration_s: float) -> np.ndarray | torch.Tensor:
+        """One batch of denoised latents -> the requested output (CPU)."""
+        if output_type == "latent":
+            return latents.float().cpu()
+        mel = self.decode_latents(latents)
+        if output_type == "mel":
+            return mel.float().cpu()
+        wave = self.mel_to_wave(mel)
+        return _fit_length(wave, samples_for(duration_s, self.mel_config)).cpu().numpy()
 
     def _condition(self, prompts: list[str], cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = self.encode_text(prompts)
@@ -283,6 +328,24 @@ def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
 
 def _fit_length(wave: torch.Tensor, n: int) -> torch.Tensor:
     return wave[:, :n] if wave.shape[1] >= n else F.pad(wave, (0, n - wave.shape[1]))
+
+
+def _mel_config_of(vocoder: Any) -> MelConfig:
+    """The mel settings a vocoder was built for (a neural vocoder's config names its rate and mel bins)."""
+    if isinstance(vocoder, GriffinLimVocoder):
+        return vocoder.mel_config
+    if vocoder is None or isinstance(vocoder, str):
+        return MelConfig()
+    return MelConfig(sample_rate=vocoder.config.sampling_rate, n_mels=vocoder.config.model_in_dim)
+
+
+def _resolve_vocoder(vocoder: Any, mel_config: MelConfig) -> Any:
+    """``"griffin_lim"`` -> a default :class:`GriffinLimVocoder`; anything else is kept as given."""
+    if isinstance(vocoder, str):
+        if vocoder != GRIFFIN_LIM:
+            raise ValueError(f"vocoder: the only vocoder given by name is {GRIFFIN_LIM!r}, got {vocoder!r}")
+        return GriffinLimVocoder(mel_config)
+    return vocoder
 
 
 def _sample_generators(n: int, generator, seed: int | None) -> list[torch.Generator]:
