@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
+from mmpref.audio import GriffinLimVocoder
 from mmpref.demo.stages import (
     DemoConfig,
     heldout_seed,
@@ -31,8 +31,9 @@ from mmpref.demo.stages import (
     world_for,
     write_json_atomic,
 )
-from mmpref.demo.train_parts import GriffinLimVocoder, save_dir_atomic
+from mmpref.demo.train_parts import save_dir_atomic
 
+GRIFFIN_LIM_ITERS = 16  # the demo pipelines' vocoder: crude is enough for CLAP and the WAV examples
 JUDGE_VERSION = 1  # bump when the judge's code changes: the machine-wide judge cache is keyed by it
 
 
@@ -162,8 +163,8 @@ def demo_unet(seed: int, channels: list[int]):
 
 
 def init_pipeline_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
-    """A TangoPipeline folder with the trained VAE, a random UNet and tiny T5, a DDIM sampler and no vocoder
-    (the demo decodes with :class:`GriffinLimVocoder`)."""
+    """A TangoPipeline folder with the trained VAE, a random UNet and tiny T5, a DDIM sampler and a Griffin-Lim
+    vocoder (no weights, recorded in pipeline.json: ``mmpref generate`` works on every demo pipeline folder)."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from mmpref.models.tango import TangoPipeline
@@ -173,7 +174,7 @@ def init_pipeline_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         pipe.unet = demo_unet(seed + 1, cfg.unet_channels)
         pipe.vae = AutoencoderKL.from_pretrained(run / "vae")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.vocoder = None
+        pipe.vocoder = GriffinLimVocoder(pipe.mel_config, n_iter=GRIFFIN_LIM_ITERS)
         save_dir_atomic(pipe.save_pretrained, run / "pipeline_init")
         n = sum(p.numel() for p in pipe.unet.parameters())
         return {"line": f"pipeline with the trained VAE and a random {n / 1e6:.2f} M-parameter UNet"}
@@ -253,12 +254,13 @@ def _clap_matrix(path: Path, captions: list[str], waves: list[np.ndarray]) -> np
 
 
 def load_demo_pipeline(path: str | Path):
-    """A saved demo pipeline with the Griffin-Lim vocoder attached."""
-    from mmpref.audio import MelConfig
+    """A saved demo pipeline; folders from before the vocoder was saved (``null``) get the demo's Griffin-Lim."""
     from mmpref.models.tango import TangoPipeline
 
-    meta = json.loads((Path(path) / "pipeline.json").read_text())
-    return TangoPipeline.from_pretrained(path, vocoder=GriffinLimVocoder(MelConfig.from_dict(meta["mel_config"])))
+    pipe = TangoPipeline.from_pretrained(path)
+    if pipe.vocoder is None:
+        pipe.vocoder = GriffinLimVocoder(pipe.mel_config, n_iter=GRIFFIN_LIM_ITERS)
+    return pipe
 
 
 def synth_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
@@ -357,19 +359,9 @@ def generate_mels(pipe, prompts: list[str], seed: int, cfg: DemoConfig, batch_si
 
     The judge reads generated log-mels directly (no vocoder in between: what is measured is the diffusion model).
     """
-    from mmpref.models.tango.pipeline import _sample_generators
-
-    gens = _sample_generators(len(prompts), None, seed)
-    steps = cfg.generation.steps
-    bar = tqdm(total=len(prompts) * steps, desc=desc, unit="step", leave=False)
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        # TangoPipeline.__call__ returns waves only; its sampling loop is reused as is for the latents
-        latents = pipe._denoise(prompts[s:s + batch_size], gens[s:s + batch_size], cfg.duration_s, steps,
-                                cfg.generation.guidance_scale, bar)
-        out.append(pipe.decode_latents(latents).float().cpu())
-    bar.close()
-    return torch.cat(out)
+    return pipe(prompts, duration_s=cfg.duration_s, num_inference_steps=cfg.generation.steps,
+                guidance_scale=cfg.generation.guidance_scale, seed=seed, batch_size=batch_size,
+                output_type="mel", progress=True, desc=desc)
 
 
 def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: dict[str, str]) -> dict:

@@ -1,4 +1,7 @@
-"""Training the demo's tiny Tango parts from scratch: the VAE on log-mels, a tiny CLAP, and a Griffin-Lim vocoder.
+"""Training the demo's tiny Tango parts from scratch: the VAE on log-mels and a tiny CLAP.
+
+There is no vocoder to train: the demo's pipelines decode with :class:`mmpref.audio.GriffinLimVocoder`, as
+training a HiFi-GAN from scratch would cost more CPU time than the rest of the demo.
 
 The UNet is *not* trained here: it trains through the preference engine (``mmpref.training.train`` with an ``sft``
 loss on winner-only data), the same code path as ``mmpref train``. The VAE and CLAP use small plain loops because
@@ -11,49 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmpref.audio import MelConfig, normalize_wave
-from mmpref.demo.judge import mel_to_wave
-
-
-class GriffinLimVocoder(nn.Module):
-    """Log-mel ``(B, frames, n_mels)`` -> wave ``(B, frames * hop)`` by Griffin-Lim (no weights).
-
-    Stands in for HiFi-GAN in the demo: training a vocoder from scratch would cost more CPU time than the rest of
-    the demo. It has the attributes :class:`~mmpref.models.tango.TangoPipeline` reads (``config``, ``device``,
-    ``dtype``). Phases start from a fixed seed, so a mel always gives the same wave.
-    """
-
-    def __init__(self, mel_config: MelConfig, n_iter: int = 16, seed: int = 0):
-        super().__init__()
-        self.mel_config, self.n_iter, self.seed = mel_config, n_iter, seed
-        self.config = SimpleNamespace(sampling_rate=mel_config.sample_rate, model_in_dim=mel_config.n_mels)
-        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self._anchor.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @torch.no_grad()
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        hop = self.mel_config.hop_length
-        out = []
-        for i, m in enumerate(mel.detach().cpu()):
-            rng = np.random.default_rng([self.seed, i])
-            wave = mel_to_wave(m.double(), self.mel_config, self.n_iter, rng)
-            wave = np.pad(wave, (0, max(0, m.shape[0] * hop - len(wave))))
-            out.append(torch.from_numpy(wave.astype(np.float32)))
-        return torch.stack(out).to(mel.device)
+from mmpref.audio import normalize_wave
 
 
 def corpus_mels(waves: Sequence[np.ndarray], mel_module: nn.Module, frames: int) -> torch.Tensor:
