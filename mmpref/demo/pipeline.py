@@ -215,7 +215,7 @@ def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             tmp = run / ".clap_init"
-            make_tiny_clap(tmp)
+            make_tiny_clap(tmp, texts=captions)  # its tokenizer learns the world's words (else they split badly)
         from transformers import ClapModel, ClapProcessor
 
         model, processor = ClapModel.from_pretrained(tmp), ClapProcessor.from_pretrained(tmp)
