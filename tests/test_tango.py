@@ -187,15 +187,17 @@ def _without_neural_vocoder(pipe: TangoPipeline, vocoder) -> TangoPipeline:
 
 
 def test_output_types_agree(pipe):
-    latents = pipe(PROMPTS[:2], seed=5, output_type="latent", **KW)
-    assert isinstance(latents, torch.Tensor) and latents.shape == (2, *pipe.latent_shape(1.0))
-    mels = pipe(PROMPTS[:2], seed=5, output_type="mel", batch_size=1, **KW)
+    short = {**KW, "duration_s": 0.5}
+    latents = pipe(PROMPTS[:2], seed=5, output_type="latent", **short)
+    assert isinstance(latents, torch.Tensor) and latents.shape == (2, *pipe.latent_shape(0.5))
+    mels = pipe(PROMPTS[:2], seed=5, output_type="mel", batch_size=1, **short)
     assert mels.shape == (2, 4 * latents.shape[2], pipe.mel_config.n_mels)
     torch.testing.assert_close(mels, pipe.decode_latents(latents), rtol=0, atol=1e-5)
-    waves = pipe(PROMPTS[:2], seed=5, **KW)
-    np.testing.assert_allclose(waves, pipe.mel_to_wave(mels)[:, :16000].numpy(), atol=1e-5)
+    griffin_lim = _without_neural_vocoder(pipe, "griffin_lim")
+    waves = griffin_lim(PROMPTS[:2], seed=5, batch_size=1, **short)  # same batches: Griffin-Lim amplifies 1e-6
+    np.testing.assert_array_equal(waves, griffin_lim.mel_to_wave(mels)[:, :8000].numpy())
     with pytest.raises(ValueError, match="output_type"):
-        pipe(PROMPTS[:1], output_type="np", **KW)
+        pipe(PROMPTS[:1], output_type="np", **short)
 
 
 def test_griffin_lim_vocoder_round_trips(pipe, tmp_path):
