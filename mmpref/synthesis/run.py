@@ -297,6 +297,8 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     perturber = perturber or _default_perturber(cfg, vocabulary)
     pipeline_id = cfg.pipeline if pipeline is None else f"in-memory {type(pipeline).__name__} " + \
         weights_fingerprint(*pipeline._modules().values())
+    if pipeline is not None and hasattr(pipeline.vocoder, "to_dict"):  # Griffin-Lim: settings, not weights
+        pipeline_id += f" vocoder {pipeline.vocoder.to_dict()}"
     scorer_ids = ({n: describe_scorer(s) for n, s in scorers.items()} if scorers is not None
                   else {n: {"path": s.path, "crop": s.crop} for n, s in cfg.scorers.items()})
     settings = generation_settings(cfg, pipeline_id, scorer_ids)
