@@ -136,3 +136,27 @@ def test_bad_demo_config_key_is_named(tmp_path):
     bad.write_text("vae: {stepz: 3}\n")
     with pytest.raises(ValueError, match=r"demo.yaml.*vae\.stepz"):
         DemoConfig.load(bad)
+
+
+def test_validation_captions_are_deterministic_and_disjoint_from_heldout_and_preference(tmp_path):
+    from mmpref.demo.pipeline import _write_captions, write_val_captions
+    from mmpref.demo.stages import DemoConfig, heldout_seed, pref_seed, world_for
+
+    cfg = DemoConfig.from_dict({"corpus": {"n_heldout": 30, "n_pref_prompts": 30, "n_val": 40}})
+    for name, world_seed in (("heldout", heldout_seed(0)), ("pref", pref_seed(0))):
+        w = world_for(cfg, world_seed)
+        _write_captions(tmp_path, name, [w.sample_scene(w.rng(i)) for i in range(30)])
+    first = write_val_captions(cfg, tmp_path, 0).read_text()
+    val = [json.loads(line)["caption"] for line in first.splitlines()]
+    caps = tmp_path / "captions"
+    others = {c for name in ("heldout", "pref") for c in (caps / f"{name}.txt").read_text().splitlines()}
+    assert len(val) == 40 and len(set(val)) == 40 and not set(val) & others
+    assert write_val_captions(cfg, tmp_path, 0).read_text() == first
+
+
+def test_eval_split_must_be_heldout_or_val():
+    from mmpref.demo.stages import DemoConfig
+
+    assert DemoConfig.from_dict({"eval": {"split": "val"}}).eval.split == "val"
+    with pytest.raises(ValueError, match="eval.split"):
+        DemoConfig.from_dict({"eval": {"split": "test"}})

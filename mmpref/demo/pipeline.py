@@ -9,7 +9,8 @@ Folder layout of one run (``<out>/seed<S>/``)::
     unet_sft/          engine run: UNet trained from scratch (sft loss, winners only); final/ = base pipeline
     synth/             run_synthesis output: grouped.jsonl, pairs.jsonl, audio, report
     dpo/               engine run: diffusion-DPO from the base; final/ = aligned pipeline; metrics.jsonl
-    eval/              per-caption judge and CLAP scores of base and aligned, WAV examples
+    eval/              per-caption judge and CLAP scores of base and aligned, WAV examples (eval_val/: the
+                       validation captions, with `eval.split: val`)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mmpref.demo.stages import (
     heldout_seed,
     pref_seed,
     run_stage,
+    val_seed,
     world_for,
     write_json_atomic,
 )
@@ -89,18 +91,42 @@ def corpus_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         items = world.make_corpus(cfg.corpus.n_train, out_dir=corpus)
         rows = [{"prompt": c, "chosen": f"clip_{i:06d}.wav", "rejected": []} for i, (c, _, _) in enumerate(items)]
         _write_jsonl(corpus / "sft.jsonl", rows)
-        caps = run / "captions"
         for name, world_seed, n in (("heldout", heldout_seed(seed), cfg.corpus.n_heldout),
                                     ("pref", pref_seed(seed), cfg.corpus.n_pref_prompts)):
             w = world_for(cfg, world_seed)
-            scenes = [w.sample_scene(w.rng(i)) for i in range(n)]
-            _write_jsonl(caps / f"{name}.jsonl", [s.to_dict() for s in scenes])
-            _write_text(caps / f"{name}.txt", "".join(s.caption + "\n" for s in scenes))
+            _write_captions(run, name, [w.sample_scene(w.rng(i)) for i in range(n)])
+        write_val_captions(cfg, run, seed)
         counts = np.bincount([len(s.events) for _, _, s in items], minlength=4)[1:]
         return {"line": f"{len(items)} training clips ({counts[0]}/{counts[1]}/{counts[2]} with 1/2/3 events), "
-                        f"{cfg.corpus.n_heldout} held-out and {cfg.corpus.n_pref_prompts} preference captions"}
+                        f"{cfg.corpus.n_heldout} held-out, {cfg.corpus.n_pref_prompts} preference and "
+                        f"{cfg.corpus.n_val} validation captions"}
 
     return run_stage(run, "1-corpus", make)
+
+
+def _write_captions(run: Path, name: str, scenes: list) -> None:
+    caps = run / "captions"
+    _write_jsonl(caps / f"{name}.jsonl", [s.to_dict() for s in scenes])
+    _write_text(caps / f"{name}.txt", "".join(s.caption + "\n" for s in scenes))
+
+
+def write_val_captions(cfg: DemoConfig, run: Path, seed: int) -> Path:
+    """``captions/val.jsonl``: ``corpus.n_val`` captions from their own world seed whose texts are neither held-out
+    nor preference captions, so recipes can be tuned on them without touching the reported test. Also called by
+    the evaluation of runs whose corpus stage predates the validation split (deterministic per seed)."""
+    taken = {d["caption"] for name in ("heldout", "pref") for d in _read_jsonl(run / "captions" / f"{name}.jsonl")}
+    world = world_for(cfg, val_seed(seed))
+    scenes, i = [], 0
+    while len(scenes) < cfg.corpus.n_val:
+        scene = world.sample_scene(world.rng(i))
+        i += 1
+        if scene.caption not in taken:
+            taken.add(scene.caption)
+            scenes.append(scene)
+        if i > 100 * (cfg.corpus.n_val + 10):
+            raise ValueError(f"corpus.n_val={cfg.corpus.n_val}: too few distinct captions in the world; lower it")
+    _write_captions(run, "val", scenes)
+    return run / "captions" / "val.jsonl"
 
 
 def _load_corpus(run: Path) -> tuple[list[str], list[np.ndarray]]:
@@ -374,7 +400,11 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
 
         judge = Judge.load(judge_path)
         clap = ClapScorer(str(run / "clap"))
-        scenes = [Scene.from_dict(d) for d in _read_jsonl(run / "captions" / "heldout.jsonl")]
+        split = cfg.eval.split
+        captions = run / "captions" / f"{split}.jsonl"
+        if split == "val" and not captions.exists():
+            write_val_captions(cfg, run, seed)
+        scenes = [Scene.from_dict(d) for d in _read_jsonl(captions)]
         n = cfg.eval.samples_per_caption
         prompts = [s.caption for s in scenes for _ in range(n)]
         rows: dict[str, list[dict]] = {}
@@ -389,16 +419,18 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
                 per_sample.append({**m, "clap": float(clap_scores[i]), "caption": prompt,
                                    "events": len(scenes[i // n].events)})
             rows[name] = per_sample
-            ex = run / "eval" / "wav" / name
+            ex = run / folder / "wav" / name
             for i in range(min(cfg.eval.wav_examples, len(scenes))):
                 save_audio(ex / f"{i:02d}.wav", waves[i * n], 16000)
-        write_json_atomic(run / "eval" / "samples.json", rows)
+        write_json_atomic(run / folder / "samples.json", rows)
         from mmpref.demo.report import summarise_eval
 
         summary = summarise_eval(rows, n, cfg.eval.bootstrap, seed)
-        return {**summary, "line": _eval_line(summary)}
+        return {**summary, "split": split, "line": f"[{split}] " + _eval_line(summary)}
 
-    return run_stage(run, "5-eval", evaluate)
+    # the validation evaluation has its own folder and marker: tuning never overwrites the held-out result
+    folder = "eval" if cfg.eval.split == "heldout" else f"eval_{cfg.eval.split}"
+    return run_stage(run, "5-eval" if cfg.eval.split == "heldout" else f"5-eval-{cfg.eval.split}", evaluate)
 
 
 def _eval_line(summary: dict) -> str:

@@ -96,7 +96,8 @@ def plot_before_after(summary: dict, path: Path) -> Path:
         ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=4, label=name)
     ax.set_xticks(x, [m.replace("_", " ") for m in metrics])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("judge score on held-out captions")
+    split = "validation" if summary.get("split") == "val" else "held-out"
+    ax.set_ylabel(f"judge score on {split} captions")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -153,6 +154,12 @@ def verdict(evaluation: dict) -> str:
     return text
 
 
+def _eval_folder(summary: dict) -> str:
+    """Where the evaluation stage wrote its samples: ``eval/`` (held-out) or ``eval_<split>/``."""
+    split = summary.get("split", "heldout")
+    return "eval" if split == "heldout" else f"eval_{split}"
+
+
 def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: dict, mode: str) -> dict:
     """``report.json`` (every number) and ``report.md`` (tables + plots of the first seed) under ``out``."""
     seeds = sorted(results)
@@ -161,7 +168,7 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
     plots = {
         "curves": plot_training_curves(run / "dpo" / "metrics.jsonl", out / "plots" / "training_curves.png"),
         "bars": plot_before_after(first["eval"], out / "plots" / "before_after.png"),
-        "clap": plot_clap_hist(json.loads((run / "eval" / "samples.json").read_text()),
+        "clap": plot_clap_hist(json.loads((run / _eval_folder(first["eval"]) / "samples.json").read_text()),
                                out / "plots" / "clap_hist.png"),
     }
     report = {
@@ -191,8 +198,9 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
     for s in seeds:
         r = report["seeds"][str(s)]
         ev = r["eval"]
+        split = "validation" if ev.get("split") == "val" else "held-out"
         lines += [f"## Seed {s}: {r['verdict']}", "",
-                  f"{ev['captions']} held-out captions x {ev['samples_per_caption']} samples; mean [95% bootstrap "
+                  f"{ev['captions']} {split} captions x {ev['samples_per_caption']} samples; mean [95% bootstrap "
                   "CI]; delta = aligned - base, paired per caption (* = CI excludes 0).", "",
                   "| metric | base | aligned | delta |", "|---|---|---|---|"]
         for m in METRICS:

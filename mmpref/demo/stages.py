@@ -36,6 +36,7 @@ class CorpusConfig:
     n_train: int = 600  # clips for the VAE, the UNet and CLAP
     n_heldout: int = 48  # evaluation captions (a different world seed: never trained on)
     n_pref_prompts: int = 64  # captions the preference sets are generated for (not in the training corpus)
+    n_val: int = 64  # validation captions (own world seed, disjoint from held-out/preference): tune recipes on these
 
 
 @dataclass
@@ -69,11 +70,19 @@ class AlignConfig:
     sft_weight: float = 0.0  # > 0 adds an sft term (RPO-style)
 
 
+EVAL_SPLITS = ("heldout", "val")
+
+
 @dataclass
 class EvalConfig:
     samples_per_caption: int = 2
     bootstrap: int = 2000
     wav_examples: int = 4
+    split: str = "heldout"  # "heldout" (the reported test) or "val" (for tuning; written to eval_val/)
+
+    def __post_init__(self) -> None:
+        if self.split not in EVAL_SPLITS:
+            raise ValueError(f"eval.split must be one of {EVAL_SPLITS}, got {self.split!r}")
 
 
 @dataclass
@@ -103,7 +112,7 @@ class DemoConfig:
         def mul(x: int) -> int:
             return max(1, int(round(x * factor)))
 
-        for c, names in ((cfg.judge, ("n",)), (cfg.corpus, ("n_train", "n_heldout", "n_pref_prompts")),
+        for c, names in ((cfg.judge, ("n",)), (cfg.corpus, ("n_train", "n_heldout", "n_pref_prompts", "n_val")),
                          (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.clap, ("steps",)),
                          (cfg.align, ("steps",))):
             for n in names:
@@ -191,6 +200,11 @@ def heldout_seed(seed: int) -> int:
 
 def pref_seed(seed: int) -> int:
     return 500_009 + seed
+
+
+def val_seed(seed: int) -> int:
+    """World seed of the validation captions (recipe tuning); their texts are also filtered against the others."""
+    return 2_000_029 + seed
 
 
 def set_threads() -> int:
