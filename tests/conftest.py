@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,3 +21,14 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "_mmpref_cache", ""), ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many tiny runs: on a shared 2-core box oversubscribed OpenMP threads make them ~3x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,13 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MMPREF = Path(sys.executable).parent / "mmpref"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box is shared: with oversubscribed OpenMP threads the tiny Tango run is ~3x slower than on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.fakes import FakeAccelerator
 
 from mmpref.adapters.diffusion import DiffusionAdapter, DiffusionModelConfig, prepare_wave
 from mmpref.audio import save_audio
@@ -22,21 +22,7 @@ from mmpref.losses import build_loss
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box is shared: oversubscribed OpenMP threads are far slower
-    yield
-    torch.set_num_threads(n)
-
-
-class FakeAccelerator:
-    device = torch.device("cpu")
-    process_index = 0
-    main_process_first = staticmethod(nullcontext)
-
-    def wait_for_everyone(self) -> None:
-        pass
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers.tiny_llm import tiny_llm_overrides, write_tiny_llm_assets
 
 from mmpref.config import load_config
@@ -26,13 +25,7 @@ FIRST_STEP_LOSS = {"llm_dpo.yaml": math.log(2), "llm_dpo_tiny.yaml": math.log(2)
                    "llm_bco.yaml": math.log(2), "llm_ipo.yaml": 25.0, "llm_kto.yaml": 0.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box is shared: oversubscribed OpenMP threads make these tiny runs several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_llm_config_is_listed():

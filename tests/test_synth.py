@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers.fakes import FakeAccelerator
 
 import mmpref.audio
 import mmpref.synthesis.run as synth_run
@@ -27,12 +26,7 @@ FAST = ["generation.duration_s=0.5", "generation.steps=2", "generation.resample_
         "generation.guidance_scale=1.0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -326,13 +320,6 @@ def test_real_config_is_valid():
 
 
 # ---------------------------------------------------------------------------------------------- training
-class FakeAccelerator:
-    device = torch.device("cpu")
-    process_index = 0
-    main_process_first = staticmethod(nullcontext)
-
-    def wait_for_everyone(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("name,schema", [("grouped.jsonl", "grouped"), ("pairs.jsonl", "audio_alpaca")])
