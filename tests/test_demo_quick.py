@@ -160,3 +160,20 @@ def test_eval_split_must_be_heldout_or_val():
     assert DemoConfig.from_dict({"eval": {"split": "val"}}).eval.split == "val"
     with pytest.raises(ValueError, match="eval.split"):
         DemoConfig.from_dict({"eval": {"split": "test"}})
+
+
+def test_cached_stage_with_other_settings_is_refused_not_reused(tmp_path):
+    from mmpref.demo.stages import StaleStageError, run_stage
+
+    calls = []
+
+    def stage():
+        calls.append(1)
+        return {"line": "made", "value": len(calls)}
+
+    first = run_stage(tmp_path, "3-synth", stage, log=lambda _: None, settings={"synth": {"k": 1}, "seed": 0})
+    again = run_stage(tmp_path, "3-synth", stage, log=lambda _: None, settings={"synth": {"k": 1}, "seed": 0})
+    assert len(calls) == 1 and again["value"] == first["value"] == 1
+    with pytest.raises(StaleStageError, match=r"3-synth.*changed: synth\).*--fresh"):
+        run_stage(tmp_path, "3-synth", stage, log=lambda _: None, settings={"synth": {"k": 3}, "seed": 0})
+    assert len(calls) == 1

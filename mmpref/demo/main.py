@@ -64,7 +64,7 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mmpref.demo.pipeline import run_seed
     from mmpref.demo.report import write_report
-    from mmpref.demo.stages import DemoConfig, set_threads
+    from mmpref.demo.stages import DemoConfig, StaleStageError, set_threads
 
     threads = set_threads()
     config = Path(args.config) if args.config else CONFIG_DIR / ("demo_quick.yaml" if args.quick else "demo.yaml")
@@ -82,7 +82,11 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     results, timings = {}, {}
     for seed in range(cfg.seed, cfg.seed + args.seeds):
         start = time.perf_counter()
-        results[seed] = run_seed(cfg, out, seed)
+        try:
+            results[seed] = run_seed(cfg, out, seed)
+        except StaleStageError as e:
+            print(f"mmpref demo: {e}", file=sys.stderr)
+            return 2
         timings[f"seed{seed}"] = round(time.perf_counter() - start, 1)
     report = write_report(out, results, asdict(cfg), timings, mode)
     print(f"report: {out / 'report.md'} ({report['claim']})")

@@ -29,6 +29,7 @@ from mmpref.demo.stages import (
     heldout_seed,
     pref_seed,
     run_stage,
+    stage_settings,
     val_seed,
     world_for,
     write_json_atomic,
@@ -72,7 +73,7 @@ def judge_stage(cfg: DemoConfig, out: Path) -> dict:
                         f"event recall {clean['event_recall']:.3f}, order {clean['order_accuracy']:.3f} "
                         f"(Griffin-Lim copies: exact {gl['exact_match']:.3f})"}
 
-    return run_stage(out, "judge", fit)
+    return run_stage(out, "judge", fit, settings=stage_settings(cfg, "judge"))
 
 
 def World0(cfg: DemoConfig):  # noqa: N802 - the judge's world: seed-independent
@@ -101,7 +102,7 @@ def corpus_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
                         f"{cfg.corpus.n_heldout} held-out, {cfg.corpus.n_pref_prompts} preference and "
                         f"{cfg.corpus.n_val} validation captions"}
 
-    return run_stage(run, "1-corpus", make)
+    return run_stage(run, "1-corpus", make, settings=stage_settings(cfg, "1-corpus"))
 
 
 def _write_captions(run: Path, name: str, scenes: list) -> None:
@@ -161,7 +162,7 @@ def vae_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         return {"recon_l1": err, "line": f"VAE: {cfg.vae.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}, "
                                          f"held-out log-mel L1 {err:.3f}"}
 
-    return run_stage(run, "2a-vae", fit)
+    return run_stage(run, "2a-vae", fit, settings=stage_settings(cfg, "2a-vae"))
 
 
 def demo_vae(seed: int):
@@ -205,7 +206,7 @@ def init_pipeline_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         n = sum(p.numel() for p in pipe.unet.parameters())
         return {"line": f"pipeline with the trained VAE and a random {n / 1e6:.2f} M-parameter UNet"}
 
-    return run_stage(run, "2b-pipeline", build)
+    return run_stage(run, "2b-pipeline", build, settings=stage_settings(cfg, "2b-pipeline"))
 
 
 def unet_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
@@ -228,7 +229,7 @@ def unet_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         return {"final_dir": result.final_dir,
                 "line": f"UNet from scratch: {result.step} sft steps, loss {loss[0]:.3f} -> {np.mean(loss[-5:]):.3f}"}
 
-    return run_stage(run, "2c-unet", fit)
+    return run_stage(run, "2c-unet", fit, settings=stage_settings(cfg, "2c-unet"))
 
 
 def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
@@ -262,7 +263,7 @@ def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
                                                f"{np.mean(losses[-5:]):.2f}, held-out text->audio top-1 "
                                                f"{acc:.2f} of {n_val} (chance {1 / n_val:.2f})"}
 
-    return run_stage(run, "2d-clap", fit)
+    return run_stage(run, "2d-clap", fit, settings=stage_settings(cfg, "2d-clap"))
 
 
 def _clap_matrix(path: Path, captions: list[str], waves: list[np.ndarray]) -> np.ndarray:
@@ -326,7 +327,7 @@ def synth_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
                 "line": f"{len(rows)} preference groups (1 winner + {s.losers_per_prompt} losers) from "
                         f"{cfg.corpus.n_pref_prompts} captions; strategies {strategies}"}
 
-    return run_stage(run, "3-synth", make)
+    return run_stage(run, "3-synth", make, settings=stage_settings(cfg, "3-synth"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
                         f"{np.mean(acc[:4]) if acc else float('nan'):.2f} -> "
                         f"{np.mean(acc[-4:]) if acc else float('nan'):.2f}"}
 
-    return run_stage(run, "4-align", fit)
+    return run_stage(run, "4-align", fit, settings=stage_settings(cfg, "4-align"))
 
 
 def _train_from_dict(raw: dict, config_path: Path):
@@ -430,7 +431,8 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
 
     # the validation evaluation has its own folder and marker: tuning never overwrites the held-out result
     folder = "eval" if cfg.eval.split == "heldout" else f"eval_{cfg.eval.split}"
-    return run_stage(run, "5-eval" if cfg.eval.split == "heldout" else f"5-eval-{cfg.eval.split}", evaluate)
+    name = "5-eval" if cfg.eval.split == "heldout" else f"5-eval-{cfg.eval.split}"
+    return run_stage(run, name, evaluate, settings=stage_settings(cfg, name))
 
 
 def _eval_line(summary: dict) -> str:

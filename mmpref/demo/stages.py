@@ -173,17 +173,57 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str], None] = print) -> dict:
-    """Run ``fn`` unless ``out/<name>.done.json`` exists; print one summary line; return the stage's summary."""
+# The config sections each stage's output depends on, upstream stages' included: a marker records their values,
+# so a changed config is noticed instead of silently reusing a stale stage.
+_BASE = ["seed", "duration_s", "corpus"]
+STAGE_INPUTS: dict[str, list[str]] = {
+    "judge": ["duration_s", "judge"],
+    "1-corpus": _BASE,
+    "2a-vae": _BASE + ["vae"],
+    "2b-pipeline": _BASE + ["vae", "unet_channels"],
+    "2c-unet": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout"],
+    "2d-clap": _BASE + ["clap"],
+    "3-synth": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout", "clap", "generation", "synth"],
+    "4-align": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout", "clap", "generation", "synth", "align"],
+    "5-eval": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout", "clap", "generation", "synth", "align", "eval"],
+}
+
+
+class StaleStageError(RuntimeError):
+    """A cached stage was made with other settings than the current config."""
+
+
+def stage_settings(cfg: DemoConfig, name: str) -> dict:
+    sections = STAGE_INPUTS[name.split("-eval")[0] + "-eval" if "-eval" in name else name]
+    values = asdict(cfg)
+    return {k: values[k] for k in sections}
+
+
+def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str], None] = print,
+              settings: dict | None = None) -> dict:
+    """Run ``fn`` unless ``out/<name>.done.json`` exists; print one summary line; return the stage's summary.
+
+    ``settings`` (see :func:`stage_settings`) are stored in the marker; a cached stage made with other settings is an
+    error, not a silent reuse: its outputs (and training checkpoints) would mix with the new ones.
+    """
     marker = out / f"{name}.done.json"
     if marker.exists():
         done = json.loads(marker.read_text())
+        current = json.loads(json.dumps(settings))  # as it would read back from the marker (tuples -> lists)
+        if settings is not None and done.get("settings") != current:
+            old = done.get("settings") or {}
+            changed = sorted(k for k in current if old.get(k) != current[k]) or ["(unrecorded)"]
+            raise StaleStageError(
+                f"{marker}: stage {name!r} was made with other settings (changed: {', '.join(changed)}); "
+                "rerun with --fresh, or with another --out")
         log(f"[{name}] cached ({done['seconds']:.0f} s when run): {done['line']}")
         return done
     start = time.perf_counter()
     summary = fn()
     done = {**summary, "seconds": round(time.perf_counter() - start, 1)}
     done.setdefault("line", "")
+    if settings is not None:
+        done["settings"] = settings
     write_json_atomic(marker, done)
     log(f"[{name}] {done['seconds']:.0f} s: {done['line']}")
     return done
