@@ -52,14 +52,6 @@ def versions(*extra: str) -> dict[str, str | None]:
     return out
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temp file next to ``path``, then rename: a killed run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ----- measuring one run (inside its own subprocess) ----------------------------------------------------------------
 def rss_bytes() -> int:
     """Current resident set size of this process."""

@@ -48,8 +48,9 @@ from common import (  # noqa: E402
     rss_bytes,
     spawn,
     versions,
-    write_json_atomic,
 )
+
+from mmpref.io import write_json_atomic  # noqa: E402
 
 BASELINE = "tango2"
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_wall_s": round(time.perf_counter() - started, 1),
         "command": "python benchmarks/diffusion_dpo.py" + (" --quick" if args.quick else ""),
     }
-    write_json_atomic(out, report)
+    write_json_atomic(out, report, indent=2)
     print(table(report))
     for name, f in flops.items():
         print(f"{name}: (a)/(b) forward+backward FLOPs per group = {f['a_over_b']:.2f}")

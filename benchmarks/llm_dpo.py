@@ -46,8 +46,9 @@ from common import (  # noqa: E402
     rss_bytes,
     spawn,
     versions,
-    write_json_atomic,
 )
+
+from mmpref.io import write_json_atomic  # noqa: E402
 
 MODES = ("copy", "lora", "cached")
 SIDES = ("mmpref", "trl")
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_1m": {"start": load0, "end": os.getloadavg()[0]},
         "command": "python benchmarks/llm_dpo.py" + (" --quick" if args.quick else ""),
     }
-    write_json_atomic(out, report)
+    write_json_atomic(out, report, indent=2)
     print(table(report))
     print(f"wrote {out}")
 

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.fakes import FakeAccelerator
 
 from mmpref.adapters.diffusion import DiffusionAdapter, DiffusionModelConfig
 from mmpref.config import ReferenceConfig, TrainConfig
 from mmpref.data.audio import AudioPreferenceDataConfig, load_preference_index, make_tiny_preference_set
 from mmpref.demo.report import bootstrap_ci, per_caption, summarise_eval
 from mmpref.losses import build_loss
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-    process_index = 0
-    main_process_first = staticmethod(nullcontext)
-
-    def wait_for_everyone(self) -> None:
-        pass
 
 
 def _winner_only_set(root: Path) -> Path:
@@ -56,7 +47,7 @@ def test_sft_on_winner_only_data_is_half_the_winner_mse_and_dpo_is_refused(tmp_p
                       reference=ReferenceConfig(mode="none"))
     adapter = DiffusionAdapter(cfg)
     sft = build_loss({"sft": 1.0})
-    adapter.setup(_Accelerator(), sft)
+    adapter.setup(FakeAccelerator(), sft)
     batch = adapter.collate([adapter.train_dataset[i] for i in range(3)])
     assert batch["mean"].shape[1] == 1
     adapter.generator = torch.Generator().manual_seed(0)

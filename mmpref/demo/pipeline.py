@@ -32,9 +32,9 @@ from mmpref.demo.stages import (
     stage_settings,
     val_seed,
     world_for,
-    write_json_atomic,
 )
 from mmpref.demo.train_parts import save_dir_atomic
+from mmpref.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 GRIFFIN_LIM_ITERS = 16  # the demo pipelines' vocoder: crude is enough for CLAP and the WAV examples
 JUDGE_VERSION = 1  # bump when the judge's code changes: the machine-wide judge cache is keyed by it
@@ -91,7 +91,7 @@ def corpus_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         corpus = run / "corpus"
         items = world.make_corpus(cfg.corpus.n_train, out_dir=corpus)
         rows = [{"prompt": c, "chosen": f"clip_{i:06d}.wav", "rejected": []} for i, (c, _, _) in enumerate(items)]
-        _write_jsonl(corpus / "sft.jsonl", rows)
+        write_jsonl_atomic(corpus / "sft.jsonl", rows)
         for name, world_seed, n in (("heldout", heldout_seed(seed), cfg.corpus.n_heldout),
                                     ("pref", pref_seed(seed), cfg.corpus.n_pref_prompts)):
             w = world_for(cfg, world_seed)
@@ -107,8 +107,8 @@ def corpus_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
 
 def _write_captions(run: Path, name: str, scenes: list) -> None:
     caps = run / "captions"
-    _write_jsonl(caps / f"{name}.jsonl", [s.to_dict() for s in scenes])
-    _write_text(caps / f"{name}.txt", "".join(s.caption + "\n" for s in scenes))
+    write_jsonl_atomic(caps / f"{name}.jsonl", [s.to_dict() for s in scenes])
+    write_text_atomic(caps / f"{name}.txt", "".join(s.caption + "\n" for s in scenes))
 
 
 def write_val_captions(cfg: DemoConfig, run: Path, seed: int) -> Path:
@@ -158,7 +158,7 @@ def vae_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         losses = train_vae(pipe.vae, mels[n_val:], cfg.vae.steps, cfg.vae.batch_size, cfg.vae.lr, seed=seed)
         err = vae_reconstruction_error(pipe.vae, mels[:n_val])
         save_dir_atomic(pipe.vae.save_pretrained, run / "vae")
-        _write_jsonl(run / "vae_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
+        write_jsonl_atomic(run / "vae_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
         return {"recon_l1": err, "line": f"VAE: {cfg.vae.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}, "
                                          f"held-out log-mel L1 {err:.3f}"}
 
@@ -258,7 +258,7 @@ def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         scores = ClapScorer(str(run / "clap")).score_matrix(captions[:n_val], waves[:n_val], 16000) \
             if hasattr(ClapScorer, "score_matrix") else _clap_matrix(run / "clap", captions[:n_val], waves[:n_val])
         acc = clap_retrieval_accuracy(scores)
-        _write_jsonl(run / "clap_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
+        write_jsonl_atomic(run / "clap_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
         return {"retrieval_top1": acc, "line": f"CLAP: {cfg.clap.steps} steps, loss {losses[0]:.2f} -> "
                                                f"{np.mean(losses[-5:]):.2f}, held-out text->audio top-1 "
                                                f"{acc:.2f} of {n_val} (chance {1 / n_val:.2f})"}
@@ -314,7 +314,7 @@ def synth_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
             "audio_format": "wav",
         }
         path = run / "synth.yaml"
-        _write_text(path, yaml.safe_dump(raw, sort_keys=False))
+        write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))
         synth_cfg = load_synth_config(path, [])
         result = run_synthesis(synth_cfg, pipeline=load_demo_pipeline(base_dir),
                                scorers={"clap": ClapScorer(str(run / "clap"))})
@@ -370,7 +370,7 @@ def _train_from_dict(raw: dict, config_path: Path):
     from mmpref.config import load_config
     from mmpref.training import train
 
-    _write_text(config_path, yaml.safe_dump(raw, sort_keys=False))
+    write_text_atomic(config_path, yaml.safe_dump(raw, sort_keys=False))
     return train(load_config(config_path))
 
 
@@ -471,17 +471,6 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # small IO helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -183,7 +183,7 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
         "plots": {k: str(v.relative_to(out)) for k, v in plots.items()},
     }
     report["claim"] = report["seeds"][str(seeds[0])]["verdict"]
-    from mmpref.demo.stages import write_json_atomic
+    from mmpref.io import write_json_atomic
 
     write_json_atomic(out / "report.json", report)
     _write_md(out, report, seeds)
@@ -214,6 +214,6 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
               "![before/after](plots/before_after.png)", "", "![CLAP scores](plots/clap_hist.png)", "",
               f"WAV examples: `seed{seeds[0]}/eval/wav/` (Griffin-Lim from the generated log-mels).", "",
               "Total wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items()), ""]
-    from mmpref.demo.pipeline import _write_text
+    from mmpref.io import write_text_atomic
 
-    _write_text(out / "report.md", "\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
 from mmpref.demo.world import World
+from mmpref.io import write_json_atomic
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -155,22 +155,6 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # Stage bookkeeping
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # The config sections each stage's output depends on, upstream stages' included: a marker records their values,

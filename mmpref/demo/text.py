@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from mmpref.io import write_jsonl_atomic, write_text_atomic
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_text.yaml"
 PERTURBATIONS = ("omission", "replacement", "reordering")
 METRICS = ("exact_match", "order_accuracy", "item_recall")
@@ -153,17 +155,6 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 class Stages:
     """Runs a stage unless ``<out>/<name>.done`` records the same fingerprint; a stale stage's directory is wiped."""
 
@@ -182,12 +173,12 @@ class Stages:
         if _stage_fingerprint(stage_dir) != key:  # another config's leftovers: start over (same key: resume)
             shutil.rmtree(stage_dir, ignore_errors=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(stage_dir / "fingerprint.json", json.dumps({"fingerprint": key}))
+        write_text_atomic(stage_dir / "fingerprint.json", json.dumps({"fingerprint": key}))
         t0 = time.perf_counter()
         result, summary = fn()
         summary = f"{summary}; {time.perf_counter() - t0:.1f} s"
         print(f"[{name}] {summary}")
-        write_atomic(marker, json.dumps({"fingerprint": key, "summary": summary, "result": result}))
+        write_text_atomic(marker, json.dumps({"fingerprint": key, "summary": summary, "result": result}))
         return result
 
 
@@ -215,10 +206,10 @@ def build_data(cfg: dict, seed: int, out: Path) -> tuple[dict, str]:
     evals = evals[: task["eval_prompts"]]
     pairs = preference_pairs(train, task, rng)
     # the SFT run reads the same pair layout (its loss only uses the winner); one row per prompt
-    write_jsonl(out / "sft.jsonl", [{"prompt": e.prompt, "chosen": e.answer, "rejected": format_answer(
+    write_jsonl_atomic(out / "sft.jsonl", [{"prompt": e.prompt, "chosen": e.answer, "rejected": format_answer(
         perturb(e.gold, "omission", task["items"], rng))} for e in train])
-    write_jsonl(out / "prefs.jsonl", pairs)
-    write_jsonl(out / "eval.jsonl", [{"prompt": e.prompt, "gold": list(e.gold)} for e in evals])
+    write_jsonl_atomic(out / "prefs.jsonl", pairs)
+    write_jsonl_atomic(out / "eval.jsonl", [{"prompt": e.prompt, "gold": list(e.gold)} for e in evals])
     counts = {k: sum(r["perturbation"] == k for r in pairs) for k in task["perturbations"]}
     return {"train_prompts": len(train), "pairs": len(pairs), "eval_prompts": len(evals), "perturbations": counts}, (
         f"{len(train)} SFT prompts, {len(pairs)} preference pairs {counts}, {len(evals)} held-out prompts")
@@ -473,8 +464,8 @@ def run(args: argparse.Namespace) -> dict:
             "align_metrics": align["metrics"], "command": "mmpref demo --modality text " + " ".join(args.argv)}
     report = build_report(info, rows, cfg["eval"]["bootstrap"], seed)
     report["wall_s"] = time.perf_counter() - t0
-    write_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.md", render_markdown(report))
     print(f"[report] {report['verdict']} -> {out / 'report.md'}")
     return report
 

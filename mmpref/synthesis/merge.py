@@ -114,7 +114,7 @@ def _save_dataset(rows: list[dict], path: Path) -> None:
 def merge(cfg: SynthConfig, out: Path, shards: list, settings: dict, scorer_ids: dict, perturber: Any,
           wall_s: float) -> dict:
     """Write every output of the run from the shards' records (main process only); returns the report."""
-    from mmpref.synthesis.run import _atomic_write, _jsonl
+    from mmpref.io import write_jsonl_atomic, write_text_atomic
 
     records = read_shard_records(out, shards)
     groups = build_groups(records, cfg)
@@ -126,17 +126,17 @@ def merge(cfg: SynthConfig, out: Path, shards: list, settings: dict, scorer_ids:
                for r in dataset_rows if len(r["rejected"]) >= k]
     pairs = [row for g in groups for row in _pair_rows(g)]
     _save_dataset(dataset_rows, out / "dataset")
-    _atomic_write(out / "grouped.jsonl", _jsonl(grouped))
-    _atomic_write(out / "pairs.jsonl", _jsonl(pairs))
-    _atomic_write(out / "candidates.jsonl", _jsonl(records))
+    write_jsonl_atomic(out / "grouped.jsonl", grouped, sort_keys=True)
+    write_jsonl_atomic(out / "pairs.jsonl", pairs, sort_keys=True)
+    write_jsonl_atomic(out / "candidates.jsonl", records, sort_keys=True)
     thresholds = {n: vars(FilterThresholds.of(s)) for n, s in cfg.scorers.items()}
-    _atomic_write(out / "settings.json", json.dumps(
+    write_text_atomic(out / "settings.json", json.dumps(
         {**settings, "scorers": scorer_ids, "filters": thresholds, "losers_per_prompt": k,
          "config": _plain(cfg)}, indent=1, default=str))
     report = build_report(cfg, out, groups, records, grouped, pairs, filter_names(list(cfg.scorers)), wall_s,
                           getattr(perturber, "rejections", None))
     write_histogram(groups, list(cfg.scorers), out / "scores.png")
-    _atomic_write(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     return report
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmpref.io import write_jsonl_atomic, write_text_atomic
 from mmpref.synthesis.config import SynthConfig, load_synth_config
 from mmpref.synthesis.perturb import PERTURBATION_STRATEGIES, Perturbation, Perturber, RuleBasedPerturber
 
@@ -85,18 +85,6 @@ def _hash(obj: Any) -> str:
 
 def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
 def generation_settings(cfg: SynthConfig, pipeline_id: str, scorer_ids: dict[str, dict]) -> dict:
@@ -268,11 +256,11 @@ def process_shard(cfg: SynthConfig, shard: Shard, captions: list[str], shard_dir
         sizes[rel] = (shard_dir / rel).stat().st_size
         c["audio"] = f"shards/{shard.name}/{rel}"
         c["sample_rate"] = sr
-    _atomic_write(shard_dir / RECORDS, _jsonl(cands))
+    write_jsonl_atomic(shard_dir / RECORDS, cands, sort_keys=True)
     done = {"fingerprint": shard.fingerprint, "records_sha256": _file_sha(shard_dir / RECORDS),
             "audio_sizes": sizes, "captions": shard.end - shard.start, "candidates": len(cands),
             "elapsed_s": time.perf_counter() - t0}
-    _atomic_write(shard_dir / DONE, json.dumps(done, indent=1))
+    write_text_atomic(shard_dir / DONE, json.dumps(done, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -318,7 +306,7 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
             process_shard(cfg, shard, captions, out / "shards" / shard.name, models, perturber,
                           lambda c: parse_caption_with(vocabulary, c))
             done_now.append(shard.index)
-        _atomic_write(out / "progress" / f"rank{state.process_index}.json",
+        write_text_atomic(out / "progress" / f"rank{state.process_index}.json",
                       json.dumps({"rank": state.process_index, "world": state.num_processes, "shards": done_now,
                                   "wall_s": time.perf_counter() - t0}))
     with _all_ranks_fail_together(state, out, "merge"):
@@ -339,7 +327,7 @@ def _all_ranks_fail_together(state, out: Path, stage: str):
     try:
         yield
     except BaseException as err:
-        _atomic_write(note, f"{type(err).__name__}: {err}")
+        write_text_atomic(note, f"{type(err).__name__}: {err}")
         if state.num_processes > 1:
             state.wait_for_everyone()
         raise
@@ -414,7 +402,7 @@ def _check_manifest(out: Path, settings: dict, shards: list[Shard], state) -> No
                              "use a new output_dir or delete the old one")
     state.wait_for_everyone()
     if state.is_main_process:
-        _atomic_write(path, json.dumps(manifest, indent=1, default=str))
+        write_text_atomic(path, json.dumps(manifest, indent=1, default=str))
         shutil.rmtree(out / "progress", ignore_errors=True)  # per-rank notes of the previous invocation
     state.wait_for_everyone()
 
