@@ -132,6 +132,32 @@ def test_grouped_forward_equals_per_pair(grouped):
     torch.testing.assert_close(a.reference, b.reference, atol=1e-6, rtol=1e-5)
 
 
+def test_attention_backends_hold_inside_policy_and_reference_passes(grouped):
+    """cuDNN attention is off inside both UNet passes by default (H100 graph-rebuild cost), restored afterwards."""
+    backends = torch.backends.cuda
+    flags = lambda: {"flash": backends.flash_sdp_enabled(), "cudnn": backends.cudnn_sdp_enabled(),
+                     "math": backends.math_sdp_enabled(), "efficient": backends.mem_efficient_sdp_enabled()}
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda *_: seen.append(flags())) for m in (grouped.policy, grouped.reference)]
+    before = flags()
+    try:
+        run_scores(grouped, batch_of(grouped, 2))
+        default = list(seen)
+        seen.clear()
+        grouped.mcfg.attention_backends = ["cudnn", "math"]
+        run_scores(grouped, batch_of(grouped, 2))
+    finally:
+        grouped.mcfg.attention_backends = ["flash", "efficient", "math"]
+        for h in hooks:
+            h.remove()
+    assert len(default) == 2 and all(f == {"flash": True, "cudnn": False, "math": True, "efficient": True}
+                                     for f in default)
+    assert len(seen) == 2 and all(f == {"flash": False, "cudnn": True, "math": True, "efficient": False} for f in seen)
+    assert flags() == before
+    with pytest.raises(ValueError, match=r"model.attention_backends.*'fast'.*flash"):
+        DiffusionModelConfig(attention_backends=["fast"])
+
+
 # ----------------------------------------------------------------------------------------------- Tango 2's formula
 def test_loss_equals_tango2_formula_by_hand(sets, tmp_path):
     beta = 2000.0

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
 from mmpref.adapters.base import Adapter, LossRequirements
@@ -60,6 +61,14 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's attention projections
 
 
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
 @dataclass
 class DiffusionModelConfig:
     """The ``model:`` section of a diffusion run.
@@ -77,6 +86,11 @@ class DiffusionModelConfig:
     cache: precompute latents and text encodings (default). False recomputes mel, VAE and T5 every step.
     grouped_forward: one UNet call per group batch (default). False calls the UNet once per (winner, loser) pair,
         as Tango 2's script does; the numbers are the same, only slower (kept for tests and the benchmark).
+    attention_backends: the kernels PyTorch's scaled-dot-product attention may pick inside the UNet's training
+        and reference passes, in order of preference (``flash``, ``efficient``, ``cudnn``, ``math``). cuDNN is
+        left out by default: on an H100 (torch 2.11) it built a new cuDNN graph for every new text length, ~21 ms
+        of CPU per attention call, which made bf16 steps 2-3x slower than float32 (docs/benchmarks.md). Only
+        matters on GPUs in bf16/fp16; on a CPU the math/flash CPU kernels run either way.
     """
 
     pipeline: str = "tiny"
@@ -92,6 +106,7 @@ class DiffusionModelConfig:
     cache_shard_size: int = 256
     grouped_forward: bool = True
     gradient_checkpointing: bool = False
+    attention_backends: list[str] = field(default_factory=lambda: ["flash", "efficient", "math"])
     timestep_bins: int = 4
 
     def __post_init__(self) -> None:
@@ -104,6 +119,10 @@ class DiffusionModelConfig:
             raise ValueError(f"model.cfg_dropout must be in [0, 1), got {self.cfg_dropout!r}")
         if not self.snr_gamma > 0:
             raise ValueError(f"model.snr_gamma must be > 0, got {self.snr_gamma!r}")
+        unknown = [b for b in self.attention_backends if b not in SDPA_BACKENDS]
+        if unknown or not self.attention_backends:
+            raise ValueError(f"model.attention_backends: unknown or empty {unknown or '[]'}; "
+                             f"choose from {list(SDPA_BACKENDS)}")
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -456,11 +475,13 @@ class DiffusionAdapter(Adapter):
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
         hidden, mask = hidden.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-        pol = _mse(policy, noisy, t, hidden, mask, target).view(b, n)
-        ref = None
-        if need_ref:
-            with torch.no_grad(), self._reference() as model:
-                ref = _mse(model, noisy, t, hidden, mask, target).view(b, n)
+        # the kernel choice also holds for the backward, which autograd records per attention op
+        with sdpa_kernel([SDPA_BACKENDS[b] for b in self.mcfg.attention_backends]):
+            pol = _mse(policy, noisy, t, hidden, mask, target).view(b, n)
+            ref = None
+            if need_ref:
+                with torch.no_grad(), self._reference() as model:
+                    ref = _mse(model, noisy, t, hidden, mask, target).view(b, n)
         return pol, ref
 
     @contextmanager
