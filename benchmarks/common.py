@@ -79,6 +79,10 @@ class StepClock:
         self.start = (time.perf_counter(), time.process_time())
 
     def tick(self) -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # GPU work is asynchronous: stamp when the step's kernels have finished
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
 
@@ -106,18 +110,26 @@ def engine_step_clock(clock: StepClock) -> Iterator[None]:
 
 
 def memory_report(baseline: int) -> dict[str, float]:
-    """Peak RSS and its increase over ``baseline`` (RSS once the libraries were imported), in MiB."""
+    """Peak RSS and its increase over ``baseline`` (RSS once the libraries were imported), in MiB; on a GPU run also
+    the peak of GPU memory allocated by tensors and reserved by torch's caching allocator (from process start)."""
+    import torch
+
     peak = peak_rss_bytes()
-    return {
+    out = {
         "peak_rss_delta_mib": (peak - baseline) / 2**20,
         "peak_rss_mib": peak / 2**20,
         "baseline_rss_mib": baseline / 2**20,
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    return out
 
 
 def spawn(script: str, argv: list[str], root: Path, timeout: float | None = None) -> dict[str, Any]:
     """Run ``script argv`` in a fresh interpreter (clean peak memory); its last stdout line is a JSON result."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(root)}
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))  # keep the caller's entries
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, script, *argv], capture_output=True, text=True, env=env, cwd=root, timeout=timeout
     )
