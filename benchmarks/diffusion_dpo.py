@@ -28,8 +28,9 @@ peak RSS minus its RSS once libraries are imported (models, optimizer, activatio
     python benchmarks/diffusion_dpo.py --device cuda --presets tiny mid tango   # on a GPU; peaks = GPU memory
 
 Writes ``benchmarks/results/diffusion_dpo[_gpu][_quick].json`` (after every run, so a cut-off run keeps what it
-measured; a failed run is recorded under ``failures`` and the others go on). On a GPU the ``tango`` preset (the real architecture, random weights) can run too, and peak memory is
-``torch.cuda.max_memory_allocated`` over the whole run.
+measured; a failed run is recorded under ``failures`` and the others go on). On a GPU the ``tango`` preset (the
+real architecture, random weights) can run too, and peak memory is ``torch.cuda.max_memory_allocated`` over the
+whole run.
 """
 
 from __future__ import annotations

@@ -86,11 +86,12 @@ class DiffusionModelConfig:
     cache: precompute latents and text encodings (default). False recomputes mel, VAE and T5 every step.
     grouped_forward: one UNet call per group batch (default). False calls the UNet once per (winner, loser) pair,
         as Tango 2's script does; the numbers are the same, only slower (kept for tests and the benchmark).
-    attention_backends: the kernels PyTorch's scaled-dot-product attention may pick inside the UNet's training
-        and reference passes, in order of preference (``flash``, ``efficient``, ``cudnn``, ``math``). cuDNN is
-        left out by default: on an H100 (torch 2.11) it built a new cuDNN graph for every new text length, ~21 ms
-        of CPU per attention call, which made bf16 steps 2-3x slower than float32 (docs/benchmarks.md). Only
-        matters on GPUs in bf16/fp16; on a CPU the math/flash CPU kernels run either way.
+    attention_backends: the kernels PyTorch's scaled-dot-product attention may pick (in its own priority order)
+        inside the UNet's training and reference passes: any of ``flash``, ``efficient``, ``cudnn``, ``math``.
+        cuDNN is left out by default: on an H100 (torch 2.11) it built a new cuDNN graph for every new text length,
+        ~21 ms of CPU per attention call, which made bf16 steps 2-3x slower than float32 (docs/benchmarks.md).
+        Matters on GPUs in bf16/fp16 only. With gradient checkpointing the backward's recomputed forward runs
+        outside this choice (torch's checkpoint does not carry it).
     """
 
     pipeline: str = "tiny"
