@@ -168,3 +168,21 @@ def test_cached_stage_with_other_settings_is_refused_not_reused(tmp_path):
     with pytest.raises(StaleStageError, match=r"3-synth.*changed: synth\).*--fresh"):
         run_stage(tmp_path, "3-synth", stage, log=lambda _: None, settings={"synth": {"k": 3}, "seed": 0})
     assert len(calls) == 1
+
+
+def test_cached_stage_whose_model_folder_vanished_runs_again(tmp_path):
+    from mmpref.demo.stages import run_stage
+
+    calls = []
+
+    def stage():
+        calls.append(1)
+        (tmp_path / "final").mkdir(exist_ok=True)
+        return {"line": "trained", "final_dir": str(tmp_path / "final")}
+
+    run_stage(tmp_path, "4-align", stage, log=lambda _: None, settings={"align": 1})
+    run_stage(tmp_path, "4-align", stage, log=lambda _: None, settings={"align": 1})
+    assert len(calls) == 1
+    (tmp_path / "final").rmdir()
+    run_stage(tmp_path, "4-align", stage, log=lambda _: None, settings={"align": 1})
+    assert len(calls) == 2 and (tmp_path / "final").is_dir()

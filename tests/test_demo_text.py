@@ -140,7 +140,7 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
     assert "| exact_match |" in (out / "report.md").read_text()
     # the report's means are the means of the scored generations, and the scores are those of the outputs
     for name in ("sft", "aligned"):
-        rows = json.loads((out / f"eval_{name}.done").read_text())["result"]["rows"]
+        rows = json.loads((out / f"eval_{name}.done.json").read_text())["result"]["rows"]
         assert len(rows) == report["data"]["eval_prompts"]
         for r in rows:
             assert {k: r[k] for k in text.METRICS} == score_answer(parse_answer(r["output"]), r["gold"])
@@ -168,7 +168,7 @@ def test_example_dataclass_answer():
 
 
 def test_stages_cache_by_fingerprint_and_rerun_when_stale(tmp_path):
-    stages, calls = text.Stages(tmp_path), []
+    calls = []
 
     def stage(tag: str):
         def fn():
@@ -177,11 +177,18 @@ def test_stages_cache_by_fingerprint_and_rerun_when_stale(tmp_path):
             return {"final": str(tmp_path / "s")}, f"ran {tag}"
         return fn
 
-    assert stages.run("s", "k1", stage("a")) == {"final": str(tmp_path / "s")}
-    stages.run("s", "k1", stage("b"))  # cached: not called
+    assert text.run_cached(tmp_path, "s", "k1", stage("a")) == {"final": str(tmp_path / "s")}
+    text.run_cached(tmp_path, "s", "k1", stage("b"))  # cached: not called
     assert calls == ["a"]
-    stages.run("s", "k2", stage("c"))  # another fingerprint: the old stage directory is wiped first
+    text.run_cached(tmp_path, "s", "k2", stage("c"))  # another fingerprint: the old stage directory is wiped first
     assert calls == ["a", "c"] and not (tmp_path / "s" / "a.txt").exists()
     shutil.rmtree(tmp_path / "s")  # the cached result's directory vanished: run again
-    stages.run("s", "k2", stage("d"))
+    text.run_cached(tmp_path, "s", "k2", stage("d"))
     assert calls == ["a", "c", "d"]
+    # an interrupted run (no marker) keeps its folder when the fingerprint is the same, wipes it when not
+    (tmp_path / "s.done.json").unlink()
+    text.run_cached(tmp_path, "s", "k2", stage("e"))
+    assert (tmp_path / "s" / "d.txt").exists()
+    (tmp_path / "s.done.json").unlink()
+    text.run_cached(tmp_path, "s", "k3", stage("f"))
+    assert not (tmp_path / "s" / "e.txt").exists() and calls == ["a", "c", "d", "e", "f"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -184,24 +185,37 @@ def stage_settings(cfg: DemoConfig, name: str) -> dict:
 
 
 def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str], None] = print,
-              settings: dict | None = None) -> dict:
+              settings: dict | None = None, stage_dir: Path | None = None) -> dict:
     """Run ``fn`` unless ``out/<name>.done.json`` exists; print one summary line; return the stage's summary.
 
-    ``settings`` (see :func:`stage_settings`) are stored in the marker; a cached stage made with other settings is an
-    error, not a silent reuse: its outputs (and training checkpoints) would mix with the new ones.
+    ``settings`` (see :func:`stage_settings`) are stored in the marker. A cached stage made with other settings is
+    an error, not a silent reuse (its outputs and training checkpoints would mix with the new ones), unless
+    ``stage_dir`` names the folder that holds this stage's outputs and nothing else: then that folder is wiped and
+    the stage runs again. With ``stage_dir``, leftovers of an interrupted run with other settings are wiped too,
+    while an interrupted run with the same settings resumes in place. A cached stage whose output folders
+    (``final_dir`` / ``final`` / ``path`` in its summary) have vanished runs again.
     """
     marker = out / f"{name}.done.json"
+    current = json.loads(json.dumps(settings))  # as it would read back from the marker (tuples -> lists)
     if marker.exists():
         done = json.loads(marker.read_text())
-        current = json.loads(json.dumps(settings))  # as it would read back from the marker (tuples -> lists)
-        if settings is not None and done.get("settings") != current:
+        same = settings is None or done.get("settings") == current
+        if same and _outputs_exist(done):
+            log(f"[{name}] cached ({done['seconds']:.0f} s when run): {done['line']}")
+            return done
+        if not same and stage_dir is None:
             old = done.get("settings") or {}
             changed = sorted(k for k in current if old.get(k) != current[k]) or ["(unrecorded)"]
             raise StaleStageError(
                 f"{marker}: stage {name!r} was made with other settings (changed: {', '.join(changed)}); "
                 "rerun with --fresh, or with another --out")
-        log(f"[{name}] cached ({done['seconds']:.0f} s when run): {done['line']}")
-        return done
+        marker.unlink()
+    if stage_dir is not None:
+        tag = stage_dir / ".stage_settings.json"
+        if not tag.exists() or json.loads(tag.read_text()) != current:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(tag, current)
     start = time.perf_counter()
     summary = fn()
     done = {**summary, "seconds": round(time.perf_counter() - start, 1)}
@@ -211,6 +225,13 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
     write_json_atomic(marker, done)
     log(f"[{name}] {done['seconds']:.0f} s: {done['line']}")
     return done
+
+
+def _outputs_exist(done: dict) -> bool:
+    """The model folders a finished stage points to (in its summary or its ``result``) are still there."""
+    places = [done, done.get("result")]
+    paths = [d.get(k) for d in places if isinstance(d, dict) for k in ("final_dir", "final", "path")]
+    return all(os.path.isdir(p) for p in paths if isinstance(p, str))
 
 
 def world_for(cfg: DemoConfig, seed: int) -> World:

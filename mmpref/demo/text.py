@@ -155,42 +155,16 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-class Stages:
-    """Runs a stage unless ``<out>/<name>.done`` records the same fingerprint; a stale stage's directory is wiped."""
+def run_cached(out: Path, name: str, key: str, fn: Callable[[], tuple[Any, str]]) -> Any:
+    """Run a stage (its outputs under ``out/<name>``) unless it finished with the same fingerprint ``key``; a stage
+    with another fingerprint is wiped and rerun (the demo's shared :func:`~mmpref.demo.stages.run_stage`)."""
+    from mmpref.demo.stages import run_stage
 
-    def __init__(self, out: Path):
-        self.out = out
+    def make() -> dict:
+        result, line = fn()
+        return {"result": result, "line": line}
 
-    def run(self, name: str, key: str, fn: Callable[[], Any]) -> Any:
-        marker = self.out / f"{name}.done"
-        if marker.exists():
-            done = json.loads(marker.read_text())
-            if done["fingerprint"] == key and _outputs_exist(done["result"]):
-                print(f"[{name}] cached ({done['summary']})")
-                return done["result"]
-        marker.unlink(missing_ok=True)
-        stage_dir = self.out / name
-        if _stage_fingerprint(stage_dir) != key:  # another config's leftovers: start over (same key: resume)
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(stage_dir / "fingerprint.json", json.dumps({"fingerprint": key}))
-        t0 = time.perf_counter()
-        result, summary = fn()
-        summary = f"{summary}; {time.perf_counter() - t0:.1f} s"
-        print(f"[{name}] {summary}")
-        write_text_atomic(marker, json.dumps({"fingerprint": key, "summary": summary, "result": result}))
-        return result
-
-
-def _outputs_exist(result: Any) -> bool:
-    """The model directories a cached stage points to are still there (else the stage runs again)."""
-    paths = [result.get(k) for k in ("path", "final")] if isinstance(result, dict) else []
-    return all(os.path.isdir(p) for p in paths if isinstance(p, str))
-
-
-def _stage_fingerprint(stage_dir: Path) -> str | None:
-    f = stage_dir / "fingerprint.json"
-    return json.loads(f.read_text())["fingerprint"] if f.exists() else None
+    return run_stage(out, name, make, settings={"fingerprint": key}, stage_dir=out / name)["result"]
 
 
 def build_data(cfg: dict, seed: int, out: Path) -> tuple[dict, str]:
@@ -435,17 +409,16 @@ def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_demo_config(Path(args.config), args.quick, args.loss, args.set)
     out = Path(args.out)
-    stages = Stages(out)
     seed = args.seed
     key_data = fingerprint(cfg["task"], seed)
-    data = stages.run("data", key_data, lambda: build_data(cfg, seed, out / "data"))
+    data = run_cached(out, "data", key_data, lambda: build_data(cfg, seed, out / "data"))
     key_model = fingerprint(key_data, cfg["model"])
-    model = stages.run("model", key_model, lambda: build_model(cfg, seed, out / "data", out / "model" / "init"))
+    model = run_cached(out, "model", key_model, lambda: build_model(cfg, seed, out / "data", out / "model" / "init"))
     key_sft = fingerprint(key_model, cfg["sft"])
-    sft = stages.run("sft", key_sft, lambda: run_training(cfg["sft"], model["path"], out / "data" / "sft.jsonl",
+    sft = run_cached(out, "sft", key_sft, lambda: run_training(cfg["sft"], model["path"], out / "data" / "sft.jsonl",
                                                            out / "sft", seed))
     key_align = fingerprint(key_sft, cfg["align"])
-    align = stages.run("align", key_align, lambda: run_training(cfg["align"], sft["final"],
+    align = run_cached(out, "align", key_align, lambda: run_training(cfg["align"], sft["final"],
                                                                 out / "data" / "prefs.jsonl", out / "align", seed))
     examples = read_jsonl(out / "data" / "eval.jsonl")
     models = {"sft": (key_sft, sft["final"]), "aligned": (key_align, align["final"])}
@@ -453,10 +426,10 @@ def run(args: argparse.Namespace) -> dict:
         control_cfg = copy.deepcopy(cfg["sft"])
         control_cfg["train"]["max_steps"] = align["steps"]  # compute-matched: as many steps as the alignment
         key_control = fingerprint(key_sft, control_cfg)
-        control = stages.run("sft_control", key_control, lambda: run_training(
+        control = run_cached(out, "sft_control", key_control, lambda: run_training(
             control_cfg, sft["final"], out / "data" / "sft.jsonl", out / "sft_control", seed))
         models = {"sft": models["sft"], "sft_control": (key_control, control["final"]), "aligned": models["aligned"]}
-    rows = {name: stages.run(f"eval_{name}", fingerprint(key, cfg["eval"]),
+    rows = {name: run_cached(out, f"eval_{name}", fingerprint(key, cfg["eval"]),
                              lambda path=path: evaluate(path, examples, cfg["eval"]))["rows"]
             for name, (key, path) in models.items()}
     info = {"loss": args.loss, "seed": seed, "quick": args.quick, "data": data, "model": model,
