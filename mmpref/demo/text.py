@@ -416,10 +416,10 @@ def run(args: argparse.Namespace) -> dict:
     model = run_cached(out, "model", key_model, lambda: build_model(cfg, seed, out / "data", out / "model" / "init"))
     key_sft = fingerprint(key_model, cfg["sft"])
     sft = run_cached(out, "sft", key_sft, lambda: run_training(cfg["sft"], model["path"], out / "data" / "sft.jsonl",
-                                                           out / "sft", seed))
+                                                               out / "sft", seed))
     key_align = fingerprint(key_sft, cfg["align"])
     align = run_cached(out, "align", key_align, lambda: run_training(cfg["align"], sft["final"],
-                                                                out / "data" / "prefs.jsonl", out / "align", seed))
+                                                                     out / "data" / "prefs.jsonl", out / "align", seed))
     examples = read_jsonl(out / "data" / "eval.jsonl")
     models = {"sft": (key_sft, sft["final"]), "aligned": (key_align, align["final"])}
     if cfg["eval"].get("control", False):
