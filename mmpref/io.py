@@ -1,4 +1,5 @@
-"""Atomic file writes, shared by every job that must never leave half a file behind (synth, demo, benchmarks).
+"""Atomic file writes (and the JSON-lines reader to match), shared by every job that must never leave half a
+file behind (synth, demo, benchmarks).
 
 Each write goes to a unique temp file in the target's folder, then ``os.replace`` swaps it in: readers see the old
 file or the new one, and concurrent writers never share a temp file.
@@ -37,6 +38,11 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1)
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict], sort_keys: bool = False) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r, sort_keys=sort_keys) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _json_default(o: Any) -> Any:

@@ -26,6 +26,7 @@ import yaml
 from mmpref.audio import GriffinLimVocoder
 from mmpref.demo.stages import (
     DemoConfig,
+    eval_folder,
     heldout_seed,
     pref_seed,
     run_stage,
@@ -34,7 +35,7 @@ from mmpref.demo.stages import (
     world_for,
 )
 from mmpref.demo.train_parts import save_dir_atomic
-from mmpref.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from mmpref.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 GRIFFIN_LIM_ITERS = 16  # the demo pipelines' vocoder: crude is enough for CLAP and the WAV examples
 JUDGE_VERSION = 1  # bump when the judge's code changes: the machine-wide judge cache is keyed by it
@@ -115,7 +116,7 @@ def write_val_captions(cfg: DemoConfig, run: Path, seed: int) -> Path:
     """``captions/val.jsonl``: ``corpus.n_val`` captions from their own world seed whose texts are neither held-out
     nor preference captions, so recipes can be tuned on them without touching the reported test. Also called by
     the evaluation of runs whose corpus stage predates the validation split (deterministic per seed)."""
-    taken = {d["caption"] for name in ("heldout", "pref") for d in _read_jsonl(run / "captions" / f"{name}.jsonl")}
+    taken = {d["caption"] for name in ("heldout", "pref") for d in read_jsonl(run / "captions" / f"{name}.jsonl")}
     world = world_for(cfg, val_seed(seed))
     scenes, i = [], 0
     while len(scenes) < cfg.corpus.n_val:
@@ -318,7 +319,7 @@ def synth_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
         synth_cfg = load_synth_config(path, [])
         result = run_synthesis(synth_cfg, pipeline=load_demo_pipeline(base_dir),
                                scorers={"clap": ClapScorer(str(run / "clap"))})
-        rows = _read_jsonl(Path(result.grouped_jsonl))
+        rows = read_jsonl(Path(result.grouped_jsonl))
         strategies: dict[str, int] = {}
         for r in rows:
             strategies[str(r.get("strategy"))] = strategies.get(str(r.get("strategy")), 0) + 1
@@ -354,7 +355,7 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
                       "seed": seed, "log_every": 5, "save_every": max(25, a.steps // 4), "cpu": True},
         }
         result = _train_from_dict(raw, run / "dpo.yaml")
-        m = _read_jsonl(Path(result.metrics_file))
+        m = read_jsonl(Path(result.metrics_file))
         acc = [r["rewards/accuracies"] for r in m if "rewards/accuracies" in r]
         return {"final_dir": result.final_dir, "config": str(run / "dpo" / "config.yaml"),
                 "line": f"diffusion-{a.loss} (beta {a.beta:g}): {result.step} steps, loss {m[0]['loss']:.3f} -> "
@@ -405,7 +406,7 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
         captions = run / "captions" / f"{split}.jsonl"
         if split == "val" and not captions.exists():
             write_val_captions(cfg, run, seed)
-        scenes = [Scene.from_dict(d) for d in _read_jsonl(captions)]
+        scenes = [Scene.from_dict(d) for d in read_jsonl(captions)]
         n = cfg.eval.samples_per_caption
         prompts = [s.caption for s in scenes for _ in range(n)]
         rows: dict[str, list[dict]] = {}
@@ -430,7 +431,7 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
         return {**summary, "split": split, "line": f"[{split}] " + _eval_line(summary)}
 
     # the validation evaluation has its own folder and marker: tuning never overwrites the held-out result
-    folder = "eval" if cfg.eval.split == "heldout" else f"eval_{cfg.eval.split}"
+    folder = eval_folder(cfg.eval.split)
     name = "5-eval" if cfg.eval.split == "heldout" else f"5-eval-{cfg.eval.split}"
     return run_stage(run, name, evaluate, settings=stage_settings(cfg, name))
 
@@ -473,9 +474,5 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _metric_series(path: Path, key: str) -> list[float]:
-    return [r[key] for r in _read_jsonl(path) if key in r]
+    return [r[key] for r in read_jsonl(path) if key in r]

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from mmpref.demo.stages import eval_folder
+
 # event_precision guards event_recall: a model that makes every sound at once would max recall, not precision
 METRICS = ("event_recall", "event_precision", "order_accuracy", "exact_match", "clap")
 
@@ -154,10 +156,8 @@ def verdict(evaluation: dict) -> str:
     return text
 
 
-def _eval_folder(summary: dict) -> str:
-    """Where the evaluation stage wrote its samples: ``eval/`` (held-out) or ``eval_<split>/``."""
-    split = summary.get("split", "heldout")
-    return "eval" if split == "heldout" else f"eval_{split}"
+def _folder(evaluation: dict) -> str:
+    return eval_folder(evaluation.get("split", "heldout"))
 
 
 def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: dict, mode: str) -> dict:
@@ -168,7 +168,7 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
     plots = {
         "curves": plot_training_curves(run / "dpo" / "metrics.jsonl", out / "plots" / "training_curves.png"),
         "bars": plot_before_after(first["eval"], out / "plots" / "before_after.png"),
-        "clap": plot_clap_hist(json.loads((run / _eval_folder(first["eval"]) / "samples.json").read_text()),
+        "clap": plot_clap_hist(json.loads((run / _folder(first["eval"]) / "samples.json").read_text()),
                                out / "plots" / "clap_hist.png"),
     }
     report = {
@@ -212,7 +212,8 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
         lines.append("")
     lines += [f"## Plots (seed {seeds[0]})", "", "![training curves](plots/training_curves.png)", "",
               "![before/after](plots/before_after.png)", "", "![CLAP scores](plots/clap_hist.png)", "",
-              f"WAV examples: `seed{seeds[0]}/eval/wav/` (Griffin-Lim from the generated log-mels).", "",
+              f"WAV examples: `seed{seeds[0]}/{_folder(report['seeds'][str(seeds[0])]['eval'])}/wav/` "
+              "(Griffin-Lim from the generated log-mels).", "",
               "Total wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items()), ""]
     from mmpref.io import write_text_atomic
 

@@ -179,7 +179,7 @@ class StaleStageError(RuntimeError):
 
 
 def stage_settings(cfg: DemoConfig, name: str) -> dict:
-    sections = STAGE_INPUTS[name.split("-eval")[0] + "-eval" if "-eval" in name else name]
+    sections = STAGE_INPUTS["5-eval" if name.startswith("5-eval") else name]  # 5-eval-val: the same inputs
     values = asdict(cfg)
     return {k: values[k] for k in sections}
 
@@ -232,6 +232,11 @@ def _outputs_exist(done: dict) -> bool:
     places = [done, done.get("result")]
     paths = [d.get(k) for d in places if isinstance(d, dict) for k in ("final_dir", "final", "path")]
     return all(os.path.isdir(p) for p in paths if isinstance(p, str))
+
+
+def eval_folder(split: str) -> str:
+    """Where the evaluation of ``split`` writes its samples and WAVs: ``eval/`` (held-out) or ``eval_<split>/``."""
+    return "eval" if split == "heldout" else f"eval_{split}"
 
 
 def world_for(cfg: DemoConfig, seed: int) -> World:

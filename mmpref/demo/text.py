@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mmpref.io import write_jsonl_atomic, write_text_atomic
+from mmpref.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_text.yaml"
 PERTURBATIONS = ("omission", "replacement", "reordering")
@@ -122,12 +122,11 @@ def score_answer(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, flo
 
 
 def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (resampling items with replacement)."""
-    x = np.asarray(values, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
-    means = x[idx].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    """Percentile bootstrap interval of the mean (the audio demo's :func:`mmpref.demo.report.bootstrap_ci`)."""
+    from mmpref.demo.report import bootstrap_ci as interval
+
+    ci = interval(np.asarray(values, dtype=np.float64), n_boot, seed, alpha=1 - level)
+    return ci["lo"], ci["hi"]
 
 
 def summarise(per_item: Sequence[dict[str, float]], n_boot: int, seed: int) -> dict[str, dict[str, float]]:
@@ -211,10 +210,6 @@ def _count_parameters(path: Path) -> int:
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_training(raw: dict, model_path: str, data_path: Path, out: Path, seed: int) -> tuple[dict, str]:
