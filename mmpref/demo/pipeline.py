@@ -5,7 +5,7 @@ Folder layout of one run (``<out>/seed<S>/``)::
     corpus/            training clips (WAV) + metadata.jsonl + sft.jsonl (winner-only rows for the UNet)
     captions/          held-out and preference captions (text, one per line) + ground truth (jsonl)
     vae/ clap/         the trained VAE and CLAP (save_pretrained folders)
-    pipeline_init/     TangoPipeline: random UNet + trained VAE + tiny T5 (input of the UNet's training)
+    pipeline_init/     TangoPipeline: random UNet + trained VAE + tiny T5 taught the captions (``text_encoder``)
     unet_sft/          engine run: UNet trained from scratch (sft loss, winners only); final/ = base pipeline
     synth/             run_synthesis output: grouped.jsonl, pairs.jsonl, audio, report
     dpo/               engine run: diffusion-DPO from the base; final/ = aligned pipeline; metrics.jsonl
@@ -191,7 +191,8 @@ def demo_unet(seed: int, channels: list[int]):
 
 
 def init_pipeline_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
-    """A TangoPipeline folder with the trained VAE, a random UNet and tiny T5, a DDIM sampler and a Griffin-Lim
+    """A TangoPipeline folder with the trained VAE, a random UNet, the tiny T5 (taught the world's captions when
+    ``text_encoder.steps`` > 0, else random), a DDIM sampler and a Griffin-Lim
     vocoder (no weights, recorded in pipeline.json: ``mmpref generate`` works on every demo pipeline folder)."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
@@ -203,11 +204,26 @@ def init_pipeline_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         pipe.vae = AutoencoderKL.from_pretrained(run / "vae")
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.vocoder = GriffinLimVocoder(pipe.mel_config, n_iter=GRIFFIN_LIM_ITERS)
+        text = _pretrain_text_encoder(cfg, run, seed, pipe) if cfg.text_encoder.steps > 0 else "random T5"
         save_dir_atomic(pipe.save_pretrained, run / "pipeline_init")
         n = sum(p.numel() for p in pipe.unet.parameters())
-        return {"line": f"pipeline with the trained VAE and a random {n / 1e6:.2f} M-parameter UNet"}
+        return {"line": f"pipeline with the trained VAE, a random {n / 1e6:.2f} M-parameter UNet and {text}"}
 
     return run_stage(run, "2b-pipeline", build, settings=stage_settings(cfg, "2b-pipeline"))
+
+
+def _pretrain_text_encoder(cfg: DemoConfig, run: Path, seed: int, pipe) -> str:
+    from mmpref.demo.train_parts import scene_slots, train_text_encoder
+    from mmpref.demo.world import EVENT_NAMES
+
+    rows = read_jsonl(run / "corpus" / "metadata.jsonl")
+    slots = [scene_slots(r["order"], EVENT_NAMES) for r in rows]
+    t = cfg.text_encoder
+    losses, acc = train_text_encoder(pipe.text_encoder, pipe.tokenizer, [r["caption"] for r in rows], slots,
+                                     t.steps, t.batch_size, t.lr, seed=seed)
+    write_jsonl_atomic(run / "text_encoder_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
+    return f"a T5 taught the captions ({t.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}, caption slots " \
+           f"exact on the last batch {acc:.2f})"
 
 
 def unet_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:

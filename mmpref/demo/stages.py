@@ -96,6 +96,7 @@ class DemoConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     vae: PartConfig = field(default_factory=lambda: PartConfig(steps=300, batch_size=16, lr=2e-3))
     unet: PartConfig = field(default_factory=lambda: PartConfig(steps=600, batch_size=16, lr=1e-3))
+    text_encoder: PartConfig = field(default_factory=lambda: PartConfig(steps=0, batch_size=64, lr=3e-3))
     clap: PartConfig = field(default_factory=lambda: PartConfig(steps=200, batch_size=32, lr=1e-3))
     unet_channels: list[int] = field(default_factory=lambda: [16, 32])  # the preset's [32, 64] is 4x slower
     cfg_dropout: float = 0.1
@@ -114,8 +115,8 @@ class DemoConfig:
             return max(1, int(round(x * factor)))
 
         for c, names in ((cfg.judge, ("n",)), (cfg.corpus, ("n_train", "n_heldout", "n_pref_prompts", "n_val")),
-                         (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.clap, ("steps",)),
-                         (cfg.align, ("steps",))):
+                         (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.text_encoder, ("steps",)),
+                         (cfg.clap, ("steps",)), (cfg.align, ("steps",))):
             for n in names:
                 setattr(c, n, mul(getattr(c, n)))
         return cfg
@@ -161,16 +162,19 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 # The config sections each stage's output depends on, upstream stages' included: a marker records their values,
 # so a changed config is noticed instead of silently reusing a stale stage.
 _BASE = ["seed", "duration_s", "corpus"]
+_INIT = _BASE + ["vae", "unet_channels", "text_encoder"]  # the pipeline the UNet starts from
+_BASE_MODEL = _INIT + ["unet", "cfg_dropout"]
+_SYNTH = _BASE_MODEL + ["clap", "generation", "synth"]
 STAGE_INPUTS: dict[str, list[str]] = {
     "judge": ["duration_s", "judge"],
     "1-corpus": _BASE,
     "2a-vae": _BASE + ["vae"],
-    "2b-pipeline": _BASE + ["vae", "unet_channels"],
-    "2c-unet": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout"],
+    "2b-pipeline": _INIT,
+    "2c-unet": _BASE_MODEL,
     "2d-clap": _BASE + ["clap"],
-    "3-synth": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout", "clap", "generation", "synth"],
-    "4-align": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout", "clap", "generation", "synth", "align"],
-    "5-eval": _BASE + ["vae", "unet_channels", "unet", "cfg_dropout", "clap", "generation", "synth", "align", "eval"],
+    "3-synth": _SYNTH,
+    "4-align": _SYNTH + ["align"],
+    "5-eval": _SYNTH + ["align", "eval"],
 }
 
 
