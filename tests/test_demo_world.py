@@ -144,8 +144,8 @@ def test_scene_slots_name_each_events_step():
 
 
 def test_text_encoder_learns_which_events_a_caption_names_and_paraphrases_converge():
-    """After training, held-out captions' slots are read off the pooled states, and two paraphrases of one event
-    (never seen together) end closer than before (they started as unrelated random embeddings)."""
+    """After training, the captions' slots are read off the pooled states (exact on most of the last batch), and
+    two phrasings of one event end much closer than phrasings of different events (at the start: unrelated)."""
     import torch
 
     from mmpref.demo.train_parts import scene_slots, train_text_encoder

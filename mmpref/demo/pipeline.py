@@ -134,7 +134,7 @@ def write_val_captions(cfg: DemoConfig, run: Path, seed: int) -> Path:
 def _load_corpus(run: Path) -> tuple[list[str], list[np.ndarray]]:
     from mmpref.audio import load_audio
 
-    rows = [json.loads(line) for line in (run / "corpus" / "metadata.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run / "corpus" / "metadata.jsonl")
     return [r["caption"] for r in rows], [load_audio(run / "corpus" / r["file_name"], 16000) for r in rows]
 
 
@@ -253,7 +253,7 @@ def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
     from mmpref.demo.train_parts import clap_retrieval_accuracy, train_clap
 
     def fit() -> dict:
-        from mmpref.scoring.clap import ClapScorer, make_tiny_clap
+        from mmpref.scoring.clap import make_tiny_clap
 
         captions, waves = _load_corpus(run)
         with torch.random.fork_rng():
@@ -272,8 +272,7 @@ def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
             processor.save_pretrained(path)
 
         save_dir_atomic(save, run / "clap")
-        scores = ClapScorer(str(run / "clap")).score_matrix(captions[:n_val], waves[:n_val], 16000) \
-            if hasattr(ClapScorer, "score_matrix") else _clap_matrix(run / "clap", captions[:n_val], waves[:n_val])
+        scores = _clap_matrix(run / "clap", captions[:n_val], waves[:n_val])
         acc = clap_retrieval_accuracy(scores)
         write_jsonl_atomic(run / "clap_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
         return {"retrieval_top1": acc, "line": f"CLAP: {cfg.clap.steps} steps, loss {losses[0]:.2f} -> "

@@ -12,7 +12,6 @@ preference objectives over an adapter's scores, which is all the engine computes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,10 +156,6 @@ def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], s
 def clap_retrieval_accuracy(scores: np.ndarray) -> float:
     """Top-1 text->audio retrieval accuracy of a square score matrix (captions x clips, matching diagonal)."""
     return float(np.mean(scores.argmax(axis=1) == np.arange(len(scores))))
-
-
-def cosine_lr_steps(n_items: int, epochs: float, batch_size: int) -> int:
-    return max(1, math.ceil(n_items * epochs / batch_size))
 
 
 def save_dir_atomic(save, target: Path) -> Path:

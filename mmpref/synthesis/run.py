@@ -307,8 +307,8 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
                           lambda c: parse_caption_with(vocabulary, c))
             done_now.append(shard.index)
         write_text_atomic(out / "progress" / f"rank{state.process_index}.json",
-                      json.dumps({"rank": state.process_index, "world": state.num_processes, "shards": done_now,
-                                  "wall_s": time.perf_counter() - t0}))
+                          json.dumps({"rank": state.process_index, "world": state.num_processes, "shards": done_now,
+                                      "wall_s": time.perf_counter() - t0}))
     with _all_ranks_fail_together(state, out, "merge"):
         if state.is_main_process:
             from mmpref.synthesis.merge import merge
