@@ -168,7 +168,8 @@ def test_griffin_lim_vocoder_batch_invariant():
     vocoder = GriffinLimVocoder(CFG, n_iter=4, seed=1)
     both = vocoder(mels)
     assert both.shape == (2, 8000) and both.dtype == torch.float32
-    torch.testing.assert_close(vocoder(mels[1:]), both[1:], rtol=0, atol=1e-6)  # same wave whatever the batch
+    # same wave whatever the batch, up to float32 rounding (batched matmuls differ by ~2e-6 on some CPUs)
+    torch.testing.assert_close(vocoder(mels[1:]), both[1:], rtol=0, atol=1e-5)
     assert GriffinLimVocoder.from_dict(vocoder.to_dict(), CFG).to_dict() == {"n_iter": 4, "seed": 1, "momentum": 0.99}
     with pytest.raises(ValueError, match="n_mels=64"):
         griffin_lim(torch.zeros(10, 80), CFG)

@@ -144,7 +144,8 @@ def test_scene_slots_name_each_events_step():
 
 
 def test_text_encoder_learns_which_events_a_caption_names_and_paraphrases_converge():
-    """After training, the captions' slots are read off the pooled states (exact on most of the last batch), and
+    """After training, the slots of captions it never saw are read off the pooled states (all ten right on
+    about a quarter: it overfits the 400 training captions, but far above chance), and
     two phrasings of one event end much closer than phrasings of different events (at the start: unrelated)."""
     import torch
 
@@ -169,8 +170,12 @@ def test_text_encoder_learns_which_events_a_caption_names_and_paraphrases_conver
         sim = a @ b.T
         return float(sim.diag().mean() - sim[~torch.eye(len(sim), dtype=torch.bool)].mean())
 
+    other = World(seed=4)
+    unseen = [s for s in (other.sample_scene(other.rng(i)) for i in range(200)) if s.caption not in set(caps)][:64]
+    heldout = ([s.caption for s in unseen], [scene_slots(s.order, EVENT_NAMES) for s in unseen])
     before = paraphrase_gap()
-    losses, acc = train_text_encoder(enc, tok, caps, slots, steps=300, seed=0)
+    losses, acc = train_text_encoder(enc, tok, caps, slots, steps=300, seed=0, heldout=heldout)
     assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20])
-    assert acc > 0.6
+    print(f"held-out slot accuracy {acc:.2f} ({len(unseen)} captions)")
+    assert acc > 0.15  # measured 0.27 (every slot right; the last training batch: > 0.6); chance ~0
     assert paraphrase_gap() > before + 0.2

@@ -11,7 +11,7 @@ from mmpref.demo.world import EVENT_NAMES, Scene, World
 
 # A modest fit keeps this file fast. The full default fit (`python -m mmpref.demo.judge`: 600 clips, 40 epochs,
 # degraded copies) measured exact_match 0.977, set_accuracy 0.980, order_accuracy 0.978 on 300 clean test clips.
-QUICK_FIT = dict(n=240, seed=1, epochs=20, augment=False, batch_size=16, lr=6e-3)
+QUICK_FIT = dict(n=240, seed=1, epochs=30, augment=False, batch_size=16, lr=6e-3)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,8 @@ def test_clips() -> list:
 
 
 def test_accuracy_on_clean_audio(judge, test_clips):
-    """Measured with QUICK_FIT: recall 0.981, precision 0.993, order_correct 0.957, exact 0.930, set 0.935."""
+    """Measured with QUICK_FIT (2026-12-01): recall 0.987, precision 0.991, order_correct 0.968, exact 0.945, set 0.950
+    (20 epochs gave order_correct 0.957 on one CPU and 0.947 on another: too close to the bar)."""
     acc = evaluate(judge, test_clips, "clean")
     assert acc["event_recall"] > 0.95
     assert acc["event_precision"] > 0.95

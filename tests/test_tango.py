@@ -194,8 +194,10 @@ def test_output_types_agree(pipe):
     assert mels.shape == (2, 4 * latents.shape[2], pipe.mel_config.n_mels)
     torch.testing.assert_close(mels, pipe.decode_latents(latents), rtol=0, atol=1e-5)
     griffin_lim = _without_neural_vocoder(pipe, "griffin_lim")
-    waves = griffin_lim(PROMPTS[:2], seed=5, batch_size=1, **short)  # same batches: Griffin-Lim amplifies 1e-6
-    np.testing.assert_array_equal(waves, griffin_lim.mel_to_wave(mels)[:, :8000].numpy())
+    waves = griffin_lim(PROMPTS[:2], seed=5, batch_size=1, **short)
+    # the same batches of one: Griffin-Lim amplifies float32 rounding, which differs between batch sizes
+    per_item = torch.cat([griffin_lim.mel_to_wave(m[None]) for m in mels])
+    np.testing.assert_array_equal(waves, per_item[:, :8000].numpy())
     with pytest.raises(ValueError, match="output_type"):
         pipe(PROMPTS[:1], output_type="np", **short)
 

@@ -217,13 +217,16 @@ def _pretrain_text_encoder(cfg: DemoConfig, run: Path, seed: int, pipe) -> str:
     from mmpref.demo.world import EVENT_NAMES
 
     rows = read_jsonl(run / "corpus" / "metadata.jsonl")
-    slots = [scene_slots(r["order"], EVENT_NAMES) for r in rows]
+    val_path = run / "captions" / "val.jsonl"
+    val = read_jsonl(val_path if val_path.exists() else write_val_captions(cfg, run, seed))
     t = cfg.text_encoder
-    losses, acc = train_text_encoder(pipe.text_encoder, pipe.tokenizer, [r["caption"] for r in rows], slots,
-                                     t.steps, t.batch_size, t.lr, seed=seed)
+    losses, acc = train_text_encoder(
+        pipe.text_encoder, pipe.tokenizer, [r["caption"] for r in rows],
+        [scene_slots(r["order"], EVENT_NAMES) for r in rows], t.steps, t.batch_size, t.lr, seed=seed,
+        heldout=([v["caption"] for v in val], [scene_slots(v["order"], EVENT_NAMES) for v in val]))
     write_jsonl_atomic(run / "text_encoder_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
-    return f"a T5 taught the captions ({t.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}, caption slots " \
-           f"exact on the last batch {acc:.2f})"
+    return f"a T5 taught the captions ({t.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}; all slots " \
+           f"right on {acc:.2f} of the {len(val)} validation captions)"
 
 
 def unet_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:

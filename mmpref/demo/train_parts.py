@@ -119,19 +119,28 @@ def scene_slots(order: Sequence[Sequence[str]], events: Sequence[str], max_steps
 
 
 def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], slots: Sequence[Sequence[int]],
-                       steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> tuple[list[float], float]:
+                       steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                       heldout: tuple[Sequence[str], Sequence[Sequence[int]]] | None = None,
+                       ) -> tuple[list[float], float]:
     """Teach a tiny T5 encoder what the world's captions say, as a pretrained FLAN-T5 knows what words mean.
 
     Why: a frozen *random* T5 gives each paraphrase ("a low drone", "a hum") an unrelated embedding, so the UNet has
     to learn every paraphrase from a few clips, and a preference learned on one paraphrase does not carry to
     another. Objective: from the mean-pooled hidden states (the same states the UNet cross-attends to), predict
     each event's slot (absent / step 1..3) with a linear head that is thrown away afterwards. Only the training
-    corpus's captions and ground truth are used. Returns the loss per step and the slot accuracy on the last batch.
+    corpus's captions and ground truth are used. Returns the loss per step and the share of ``heldout`` captions
+    ``(captions, slots)`` whose slots are all predicted right (without ``heldout``: of the last training batch).
     """
     n_events, n_slots = len(slots[0]), max(max(s) for s in slots) + 1
     head = nn.Linear(encoder.config.d_model, n_events * n_slots)
     tok = tokenizer(list(captions), padding=True, return_tensors="pt")
     target = torch.tensor([list(s) for s in slots])
+
+    def slot_logits(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return head(pooled).view(-1, n_events, n_slots)
+
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -141,16 +150,18 @@ def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], s
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(target), (batch_size,), generator=gen)
-        mask = tok["attention_mask"][idx]
-        hidden = encoder(input_ids=tok["input_ids"][idx], attention_mask=mask).last_hidden_state
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        logits = head(pooled).view(-1, n_events, n_slots)
+        logits = slot_logits(tok["input_ids"][idx], tok["attention_mask"][idx])
         last["acc"] = float((logits.argmax(-1) == target[idx]).all(-1).float().mean())
         return nn.functional.cross_entropy(logits.reshape(-1, n_slots), target[idx].reshape(-1))
 
     losses = fit(list(encoder.parameters()) + list(head.parameters()), batch_loss, steps, lr, 0.01, "text encoder")
     encoder.eval()
-    return losses, last["acc"]
+    if heldout is None:
+        return losses, last["acc"]
+    val = tokenizer(list(heldout[0]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        right = slot_logits(val["input_ids"], val["attention_mask"]).argmax(-1) == torch.tensor(heldout[1])
+    return losses, float(right.all(-1).float().mean())
 
 
 def clap_retrieval_accuracy(scores: np.ndarray) -> float:
