@@ -37,7 +37,10 @@ from mmpref.demo.stages import (
 from mmpref.demo.train_parts import save_dir_atomic
 from mmpref.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
-GRIFFIN_LIM_ITERS = 16  # the demo pipelines' vocoder: crude is enough for CLAP and the WAV examples
+# The demo pipelines' vocoder: crude is enough for CLAP and the WAV examples. More iterations barely change what
+# the synth's WAVs re-encode to (VAE-decoded corpus mels, seed 0, 2026-12-01: log-mel L1 after the round trip
+# 0.145 at 16 iterations, 0.139 at 128; latent relative error 0.208 vs 0.206) and cost 8x the time.
+GRIFFIN_LIM_ITERS = 16
 JUDGE_VERSION = 1  # bump when the judge's code changes: the machine-wide judge cache is keyed by it
 
 
