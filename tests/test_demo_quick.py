@@ -145,6 +145,40 @@ def test_validation_captions_are_deterministic_and_disjoint_from_heldout_and_pre
     assert write_val_captions(cfg, tmp_path, 0).read_text() == first
 
 
+def test_text_only_captions_for_the_t5_skip_heldout_and_validation_texts(tmp_path):
+    """The T5's extra captions never include a held-out or validation caption's text, come with their ground-truth
+    order, and are the same for the same seed."""
+    from mmpref.demo.pipeline import _text_only_captions, _write_captions, write_val_captions
+    from mmpref.demo.stages import DemoConfig, heldout_seed, text_seed, world_for
+
+    cfg = DemoConfig.from_dict({"corpus": {"n_heldout": 200, "n_val": 200}, "text_encoder": {"captions": 600}})
+    w = world_for(cfg, heldout_seed(0))
+    _write_captions(tmp_path, "heldout", [w.sample_scene(w.rng(i)) for i in range(200)])
+    _write_captions(tmp_path, "pref", [])
+    write_val_captions(cfg, tmp_path, 0)
+    unseen = {json.loads(line)["caption"] for name in ("heldout", "val")
+              for line in (tmp_path / "captions" / f"{name}.jsonl").read_text().splitlines()}
+    texts = _text_only_captions(cfg, tmp_path, 0)
+    world = world_for(cfg, text_seed(0))
+    drawn = [world.sample_scene(world.rng(i)) for i in range(600)]
+    assert texts == [(s.caption, s.order) for s in drawn if s.caption not in unseen]
+    assert 0 < len(texts) < 600  # the world repeats captions: some drawn ones were held-out/validation texts
+    assert not {c for c, _ in texts} & unseen
+    assert _text_only_captions(cfg, tmp_path, 0) == texts
+
+
+def test_scale_multiplies_sizes_and_steps_and_keeps_switched_off_parts_off():
+    from mmpref.demo.stages import DemoConfig
+
+    cfg = DemoConfig.from_dict({"corpus": {"n_train": 100}, "unet": {"steps": 30},
+                                "text_encoder": {"steps": 10, "captions": 0}, "align": {"steps": 7}})
+    big = cfg.scaled(2.5)
+    assert (big.corpus.n_train, big.unet.steps, big.align.steps) == (250, 75, 18)
+    assert (big.text_encoder.steps, big.text_encoder.captions) == (25, 0)  # no text-only captions stays none
+    assert cfg.scaled(0.01).unet.steps == 1 and cfg.scaled(1.0) is cfg
+    assert big.synth == cfg.synth and big.eval == cfg.eval  # per-caption settings are not sizes
+
+
 def test_eval_split_must_be_heldout_or_val():
     from mmpref.demo.stages import DemoConfig
 

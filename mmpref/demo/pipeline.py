@@ -31,6 +31,7 @@ from mmpref.demo.stages import (
     pref_seed,
     run_stage,
     stage_settings,
+    text_seed,
     val_seed,
     world_for,
 )
@@ -223,13 +224,22 @@ def _pretrain_text_encoder(cfg: DemoConfig, run: Path, seed: int, pipe) -> str:
     val_path = run / "captions" / "val.jsonl"
     val = read_jsonl(val_path if val_path.exists() else write_val_captions(cfg, run, seed))
     t = cfg.text_encoder
+    texts = [(r["caption"], r["order"]) for r in rows] + _text_only_captions(cfg, run, seed)
     losses, acc = train_text_encoder(
-        pipe.text_encoder, pipe.tokenizer, [r["caption"] for r in rows],
-        [scene_slots(r["order"], EVENT_NAMES) for r in rows], t.steps, t.batch_size, t.lr, seed=seed,
+        pipe.text_encoder, pipe.tokenizer, [c for c, _ in texts], [scene_slots(o, EVENT_NAMES) for _, o in texts],
+        t.steps, t.batch_size, t.lr, seed=seed,
         heldout=([v["caption"] for v in val], [scene_slots(v["order"], EVENT_NAMES) for v in val]))
     write_jsonl_atomic(run / "text_encoder_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
-    return f"a T5 taught the captions ({t.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}; all slots " \
-           f"right on {acc:.2f} of the {len(val)} validation captions)"
+    return f"a T5 taught {len(texts)} captions ({t.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}; all " \
+           f"slots right on {acc:.2f} of the {len(val)} validation captions)"
+
+
+def _text_only_captions(cfg: DemoConfig, run: Path, seed: int) -> list[tuple[str, list]]:
+    """``text_encoder.captions`` world captions with their event order, none with a held-out or validation text."""
+    unseen = {d["caption"] for name in ("heldout", "val") for d in read_jsonl(run / "captions" / f"{name}.jsonl")}
+    world = world_for(cfg, text_seed(seed))
+    scenes = (world.sample_scene(world.rng(i)) for i in range(cfg.text_encoder.captions))
+    return [(s.caption, s.order) for s in scenes if s.caption not in unseen]
 
 
 def unet_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:

@@ -48,6 +48,13 @@ class PartConfig:
 
 
 @dataclass
+class TextEncoderConfig(PartConfig):
+    # world captions sampled as text only (no audio: text costs nothing) to teach the T5 from, besides the training
+    # corpus's; never a held-out or validation caption's text. 0: the corpus's captions only.
+    captions: int = 0
+
+
+@dataclass
 class GenerationConfig:
     steps: int = 20  # DDIM steps
     guidance_scale: float = 3.0
@@ -96,7 +103,8 @@ class DemoConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     vae: PartConfig = field(default_factory=lambda: PartConfig(steps=300, batch_size=16, lr=2e-3))
     unet: PartConfig = field(default_factory=lambda: PartConfig(steps=600, batch_size=16, lr=1e-3))
-    text_encoder: PartConfig = field(default_factory=lambda: PartConfig(steps=0, batch_size=64, lr=3e-3))
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(steps=0, batch_size=64,
+                                                                                      lr=3e-3))
     clap: PartConfig = field(default_factory=lambda: PartConfig(steps=200, batch_size=32, lr=1e-3))
     unet_channels: list[int] = field(default_factory=lambda: [16, 32])  # the preset's [32, 64] is 4x slower
     cfg_dropout: float = 0.1
@@ -111,11 +119,11 @@ class DemoConfig:
             return self
         cfg = DemoConfig.from_dict(asdict(self))
 
-        def mul(x: int) -> int:
-            return max(1, int(round(x * factor)))
+        def mul(x: int) -> int:  # 0 stays 0: a switched-off part (text_encoder steps/captions) stays off
+            return max(1, int(round(x * factor))) if x else 0
 
         for c, names in ((cfg.judge, ("n",)), (cfg.corpus, ("n_train", "n_heldout", "n_pref_prompts", "n_val")),
-                         (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.text_encoder, ("steps",)),
+                         (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.text_encoder, ("steps", "captions")),
                          (cfg.clap, ("steps",)), (cfg.align, ("steps",))):
             for n in names:
                 setattr(c, n, mul(getattr(c, n)))
@@ -254,6 +262,11 @@ def heldout_seed(seed: int) -> int:
 
 def pref_seed(seed: int) -> int:
     return 500_009 + seed
+
+
+def text_seed(seed: int) -> int:
+    """World seed of the text-only captions the T5 is taught from (``text_encoder.captions``)."""
+    return 3_000_017 + seed
 
 
 def val_seed(seed: int) -> int:

@@ -127,8 +127,9 @@ def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], s
     Why: a frozen *random* T5 gives each paraphrase ("a low drone", "a hum") an unrelated embedding, so the UNet has
     to learn every paraphrase from a few clips, and a preference learned on one paraphrase does not carry to
     another. Objective: from the mean-pooled hidden states (the same states the UNet cross-attends to), predict
-    each event's slot (absent / step 1..3) with a linear head that is thrown away afterwards. Only the training
-    corpus's captions and ground truth are used. Returns the loss per step and the share of ``heldout`` captions
+    each event's slot (absent / step 1..3) with a linear head that is thrown away afterwards. The caller passes
+    training text only (the demo: the corpus's captions plus text-only world captions, never a held-out or
+    validation caption's text). Returns the loss per step and the share of ``heldout`` captions
     ``(captions, slots)`` whose slots are all predicted right (without ``heldout``: of the last training batch).
     """
     n_events, n_slots = len(slots[0]), max(max(s) for s in slots) + 1
