@@ -234,7 +234,7 @@ def _pretrain_text_encoder(cfg: DemoConfig, run: Path, seed: int, pipe) -> str:
            f"slots right on {acc:.2f} of the {len(val)} validation captions)"
 
 
-def _text_only_captions(cfg: DemoConfig, run: Path, seed: int) -> list[tuple[str, list]]:
+def _text_only_captions(cfg: DemoConfig, run: Path, seed: int) -> list[tuple[str, tuple]]:
     """``text_encoder.captions`` world captions with their event order, none with a held-out or validation text."""
     unseen = {d["caption"] for name in ("heldout", "val") for d in read_jsonl(run / "captions" / f"{name}.jsonl")}
     world = world_for(cfg, text_seed(seed))
