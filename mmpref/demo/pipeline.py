@@ -227,8 +227,8 @@ def _pretrain_text_encoder(cfg: DemoConfig, run: Path, seed: int, pipe) -> str:
     texts = [(r["caption"], r["order"]) for r in rows] + _text_only_captions(cfg, run, seed)
     losses, acc = train_text_encoder(
         pipe.text_encoder, pipe.tokenizer, [c for c, _ in texts], [scene_slots(o, EVENT_NAMES) for _, o in texts],
-        t.steps, t.batch_size, t.lr, seed=seed,
-        heldout=([v["caption"] for v in val], [scene_slots(v["order"], EVENT_NAMES) for v in val]))
+        ([v["caption"] for v in val], [scene_slots(v["order"], EVENT_NAMES) for v in val]),
+        t.steps, t.batch_size, t.lr, seed=seed)
     write_jsonl_atomic(run / "text_encoder_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
     return f"a T5 taught {len(texts)} captions ({t.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}; all " \
            f"slots right on {acc:.2f} of the {len(val)} validation captions)"

@@ -119,9 +119,8 @@ def scene_slots(order: Sequence[Sequence[str]], events: Sequence[str], max_steps
 
 
 def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], slots: Sequence[Sequence[int]],
-                       steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                       heldout: tuple[Sequence[str], Sequence[Sequence[int]]] | None = None,
-                       ) -> tuple[list[float], float]:
+                       heldout: tuple[Sequence[str], Sequence[Sequence[int]]], steps: int, batch_size: int = 64,
+                       lr: float = 3e-3, seed: int = 0) -> tuple[list[float], float]:
     """Teach a tiny T5 encoder what the world's captions say, as a pretrained FLAN-T5 knows what words mean.
 
     Why: a frozen *random* T5 gives each paraphrase ("a low drone", "a hum") an unrelated embedding, so the UNet has
@@ -130,7 +129,7 @@ def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], s
     each event's slot (absent / step 1..3) with a linear head that is thrown away afterwards. The caller passes
     training text only (the demo: the corpus's captions plus text-only world captions, never a held-out or
     validation caption's text). Returns the loss per step and the share of ``heldout`` captions
-    ``(captions, slots)`` whose slots are all predicted right (without ``heldout``: of the last training batch).
+    ``(captions, slots)`` whose slots are all predicted right.
     """
     n_events, n_slots = len(slots[0]), max(max(s) for s in slots) + 1
     head = nn.Linear(encoder.config.d_model, n_events * n_slots)
@@ -147,18 +146,14 @@ def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], s
         torch.manual_seed(seed)
         head.reset_parameters()
     encoder.train()
-    last = {}
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(target), (batch_size,), generator=gen)
         logits = slot_logits(tok["input_ids"][idx], tok["attention_mask"][idx])
-        last["acc"] = float((logits.argmax(-1) == target[idx]).all(-1).float().mean())
         return nn.functional.cross_entropy(logits.reshape(-1, n_slots), target[idx].reshape(-1))
 
     losses = fit(list(encoder.parameters()) + list(head.parameters()), batch_loss, steps, lr, 0.01, "text encoder")
     encoder.eval()
-    if heldout is None:
-        return losses, last["acc"]
     val = tokenizer(list(heldout[0]), padding=True, return_tensors="pt")
     with torch.no_grad():
         right = slot_logits(val["input_ids"], val["attention_mask"]).argmax(-1) == torch.tensor(heldout[1])
