@@ -298,6 +298,36 @@ def test_changed_generation_settings_refuse_to_mix(tmp_path, models):
         run_synthesis(small_cfg(tmp_path / "run", max_captions=2), other, scorers)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_noise_makes_losers_differ_by_their_caption_only(tmp_path, models, shared):
+    """With the UNet's text path cut (cross-attention outputs zeroed) the caption cannot matter, so with shared
+    noise every perturbed candidate is the original's audio (up to float rounding); with independent noise none is."""
+    import torch
+
+    from mmpref.models.tango import TangoPipeline
+
+    deaf = TangoPipeline.from_preset("tiny")
+    with torch.no_grad():
+        for name, module in deaf.unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight.zero_()
+                module.bias.zero_()
+    cfg = small_cfg(tmp_path / "run", max_captions=3, strategies=["concept", "temporal"],
+                    **{"generation.shared_noise": shared, "perturb.max_perturbations": 2})
+    run_synthesis(cfg, deaf, models[1])
+    cands = read_jsonl(tmp_path / "run" / "candidates.jsonl")
+    originals = {c["caption_index"]: c for c in cands if c["role"] == "original"}
+    perturbed = [c for c in cands if c["role"] == "perturbed"]
+    assert len(originals) == 3 and len(perturbed) >= 6
+    for c in perturbed:
+        o = originals[c["caption_index"]]
+        assert c["text"] != o["text"]
+        gap = np.abs(load_audio(tmp_path / "run" / c["audio"]) - load_audio(tmp_path / "run" / o["audio"])).max()
+        assert (c["seed"] == o["seed"]) == shared
+        # 1e-4: a few 16-bit steps of batch-order float rounding; the random tiny vocoder is quiet (peak ~0.25)
+        assert gap < 1e-4 if shared else gap > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------- config
 def test_config_errors_name_file_and_key(tmp_path):
     path = tmp_path / "s.yaml"

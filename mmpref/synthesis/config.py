@@ -25,6 +25,10 @@ class GenerationConfig:
     resample_steps: step counts of those samples (Tango 2: 5/25/50/100), cycled; None: all use ``steps``.
         Perturbed captions always use ``steps``. Every sample has its own seed derived from ``seed``, the caption's
         position in the captions file and the candidate's index, so shards and processes reproduce it exactly.
+    shared_noise: perturbed captions are sampled with the seed of the original caption's first sample (the same
+        starting noise), so a loser differs from its winner by what its caption changed rather than by the draw
+        (common random numbers; Audio-Alpaca's generation code was not released, so its choice is unknown). With
+        ``resample`` the winner may be another of the original's samples, from its own seed.
     """
 
     steps: int = 100
@@ -34,6 +38,7 @@ class GenerationConfig:
     seed: int = 0
     samples_per_caption: int = 4
     resample_steps: list[int] | None = None
+    shared_noise: bool = False
 
 
 @dataclass

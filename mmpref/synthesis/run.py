@@ -158,8 +158,9 @@ def build_candidates(cfg: SynthConfig, index: int, caption: str, perturber: Pert
                     seen.add(p.caption.lower())
                     perturbations.append(p)
     for k, p in enumerate(perturbations):
+        seed = _seed(g.seed, index, 0, 0) if g.shared_noise else _seed(g.seed, index, 1, k)
         out.append({"id": f"c{index:06d}_p{k}", "role": "perturbed", "text": p.caption, "strategy": p.strategy,
-                    "operation": p.operation, "detail": p.detail, "steps": g.steps, "seed": _seed(g.seed, index, 1, k)})
+                    "operation": p.operation, "detail": p.detail, "steps": g.steps, "seed": seed})
     for c in out:
         c.update(caption_index=index, prompt=caption)
     return out
