@@ -86,24 +86,36 @@ def plot_training_curves(metrics_file: Path, path: Path) -> Path:
 
 
 def plot_before_after(summary: dict, path: Path) -> Path:
-    """Bars of base vs aligned per judge metric, with 95% bootstrap intervals."""
+    """Left: base vs aligned per judge metric, each with its 95% bootstrap interval. Right: aligned - base with the
+    paired interval, the one the verdict uses (the two models' own intervals overlap even when it excludes 0)."""
     plt = _plt()
     metrics = METRICS[:4]
-    fig, ax = plt.subplots(figsize=(7.5, 3.5))
+    fig, (ax, dax) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(metrics))
+    labels = [m.replace("_", " ") for m in metrics]
     for i, name in enumerate(("base", "aligned")):
-        ci = [summary["models"][name][m] for m in metrics]
-        mean = np.array([c["mean"] for c in ci])
-        err = np.array([[c["mean"] - c["lo"] for c in ci], [c["hi"] - c["mean"] for c in ci]])
+        mean, err = _mean_and_err([summary["models"][name][m] for m in metrics])
         ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=4, label=name)
-    ax.set_xticks(x, [m.replace("_", " ") for m in metrics])
+    ax.set_xticks(x, labels)
     ax.set_ylim(0, 1)
     split = "validation" if summary.get("split") == "val" else "held-out"
     ax.set_ylabel(f"judge score on {split} captions")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
+    mean, err = _mean_and_err([summary["delta"][m] for m in metrics])
+    dax.errorbar(x, mean, yerr=err, fmt="o", color="tab:orange", capsize=4)
+    dax.axhline(0, color="black", lw=0.8)
+    dax.set_xticks(x, labels, fontsize=8)
+    dax.set_title("aligned - base, paired 95% CI", fontsize=10)
+    dax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _mean_and_err(cis: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Means and matplotlib's asymmetric error bars from bootstrap intervals."""
+    mean = np.array([c["mean"] for c in cis])
+    return mean, np.array([mean - [c["lo"] for c in cis], [c["hi"] for c in cis] - mean])
 
 
 def plot_clap_hist(rows: dict[str, list[dict]], path: Path) -> Path:
