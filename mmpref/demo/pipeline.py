@@ -335,7 +335,7 @@ def synth_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
             "pipeline": base_dir,
             "generation": {"steps": cfg.generation.steps, "guidance_scale": cfg.generation.guidance_scale,
                            "duration_s": cfg.duration_s, "batch_size": 16, "seed": seed,
-                           "samples_per_caption": s.samples_per_caption},
+                           "samples_per_caption": s.samples_per_caption, "shared_noise": s.shared_noise},
             "strategies": list(s.strategies),
             # one category: a replacement is another world event (its canonical phrase)
             "perturb": {"vocabulary": {"world": [event_phrase(e) for e in EVENT_NAMES]},

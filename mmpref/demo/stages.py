@@ -66,6 +66,7 @@ class SynthStageConfig:
     losers_per_prompt: int = 2  # K
     strategies: list[str] = field(default_factory=lambda: ["resample", "concept", "temporal"])
     max_perturbations: int = 4
+    shared_noise: bool = False  # perturbed captions reuse the original's seed (see synthesis GenerationConfig)
 
 
 @dataclass
