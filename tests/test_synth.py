@@ -296,6 +296,11 @@ def test_changed_generation_settings_refuse_to_mix(tmp_path, models):
     other = TangoPipeline.from_preset("tiny", seed=1)  # same class, other weights
     with pytest.raises(ValueError, match=r"changed: \['pipeline'\]"):
         run_synthesis(small_cfg(tmp_path / "run", max_captions=2), other, scorers)
+    with pytest.raises(ValueError, match=r"changed: \['generation'\]"):
+        run_synthesis(small_cfg(tmp_path / "run", max_captions=2, **{"generation.shared_noise": True}), pipeline,
+                      scorers)
+    # switched off, shared_noise stays out of the fingerprint: runs started before it existed still resume
+    assert "shared_noise" not in synth_run.generation_settings(small_cfg(tmp_path / "x"), "p", {})["generation"]
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -89,10 +89,13 @@ def _file_sha(path: Path) -> str:
 
 def generation_settings(cfg: SynthConfig, pipeline_id: str, scorer_ids: dict[str, dict]) -> dict:
     """Everything that changes a shard's audio or scores (not the filters or K: those apply at the merge)."""
+    generation = asdict(cfg.generation)
+    if not generation["shared_noise"]:  # added later: off, a run started before it existed still resumes
+        del generation["shared_noise"]
     return {
         "version": FORMAT_VERSION,
         "pipeline": pipeline_id,
-        "generation": asdict(cfg.generation),
+        "generation": generation,
         "strategies": list(cfg.strategies),
         "perturb": asdict(cfg.perturb),
         "scorers": scorer_ids,
