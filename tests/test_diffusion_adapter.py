@@ -159,6 +159,30 @@ def test_attention_backends_hold_inside_policy_and_reference_passes(grouped):
 
 
 # ----------------------------------------------------------------------------------------------- Tango 2's formula
+def test_gradient_checkpointing_keeps_gradients_and_kernels_in_the_recompute(sets, tmp_path):
+    """Checkpointed UNet blocks give the plain run's gradients, and the backward's recomputation of each block runs
+    under the chosen attention kernels (cuDNN off), as the forward does."""
+    backends = torch.backends.cuda
+    grads, cudnn_flags = [], []
+    for name, gc in (("plain", False), ("gc", True)):
+        adapter = make(sets["grouped"], tmp_path / name, gradient_checkpointing=gc)
+        attn = [m for n, m in adapter.policy.named_modules() if n.endswith("attn2")]
+        hooks = [m.register_forward_pre_hook(lambda *_, gc=gc: cudnn_flags.append((gc, backends.cudnn_sdp_enabled())))
+                 for m in attn]
+        try:
+            scores, loss = run_scores(adapter, batch_of(adapter, 2))
+            loss(scores).loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        grads.append(torch.cat([p.grad.flatten() for p in adapter.policy.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    calls = [on for gc, on in cudnn_flags if gc]
+    plain_calls = [on for gc, on in cudnn_flags if not gc]
+    assert len(calls) == 2 * len(plain_calls) > 0  # each checkpointed block ran again in the backward
+    assert not any(calls) and backends.cudnn_sdp_enabled()
+
+
 def test_loss_equals_tango2_formula_by_hand(sets, tmp_path):
     beta = 2000.0
     adapter = make(sets["pairs"], tmp_path / "c", weighting="none")

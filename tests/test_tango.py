@@ -57,6 +57,29 @@ def test_generator_list_and_no_guidance(pipe):
     assert out.shape == (2, 16000) and np.isfinite(out).all()
 
 
+def test_sampling_restricts_attention_kernels(pipe):
+    """cuDNN attention is off while the UNet samples, as in training (H100 graph-rebuild cost); a chosen set holds
+    instead; the global flags come back afterwards. On CPU every allowed set gives the same numbers."""
+    backends = torch.backends.cuda
+    flags = lambda: {"flash": backends.flash_sdp_enabled(), "cudnn": backends.cudnn_sdp_enabled(),
+                     "math": backends.math_sdp_enabled(), "efficient": backends.mem_efficient_sdp_enabled()}
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(flags()))
+    before = flags()
+    try:
+        default = pipe(PROMPTS[:1], seed=1, **KW)
+        by_default, seen[:] = list(seen), []
+        math_only = pipe(PROMPTS[:1], seed=1, attention_backends=["cudnn", "math"], **KW)
+    finally:
+        hook.remove()
+    assert by_default and all(f == {"flash": True, "cudnn": False, "math": True, "efficient": True} for f in by_default)
+    assert seen and all(f == {"flash": False, "cudnn": True, "math": True, "efficient": False} for f in seen)
+    assert flags() == before
+    np.testing.assert_allclose(default, math_only, atol=1e-5)
+    with pytest.raises(ValueError, match=r"attention_backends.*'fast'.*flash"):
+        pipe(PROMPTS[:1], attention_backends=["fast"], **KW)
+
+
 @pytest.mark.parametrize("duration", [1.0, 2.56, 0.37])
 def test_any_duration(pipe, duration):
     out = pipe(["a bird sings"], seed=0, **{**KW, "duration_s": duration, "num_inference_steps": 2})

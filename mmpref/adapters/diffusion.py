@@ -19,7 +19,7 @@ import copy
 import hashlib
 import logging
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from mmpref.adapters.base import Adapter, LossRequirements
@@ -53,20 +53,13 @@ from mmpref.data.audio import (
     read_cache_meta,
 )
 from mmpref.losses import Scores
+from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels, check_backends
 
 logger = logging.getLogger(__name__)
 
 WEIGHTINGS = ("none", "epsilon", "min_snr")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's attention projections
-
-
-SDPA_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
-}
 
 
 @dataclass
@@ -88,10 +81,8 @@ class DiffusionModelConfig:
         as Tango 2's script does; the numbers are the same, only slower (kept for tests and the benchmark).
     attention_backends: the kernels PyTorch's scaled-dot-product attention may pick (in its own priority order)
         inside the UNet's training and reference passes: any of ``flash``, ``efficient``, ``cudnn``, ``math``.
-        cuDNN is left out by default: on an H100 (torch 2.11) it built a new cuDNN graph for every new text length,
-        ~21 ms of CPU per attention call, which made bf16 steps 2-3x slower than float32 (docs/benchmarks.md).
-        Matters on GPUs in bf16/fp16 only. With gradient checkpointing the backward's recomputed forward runs
-        outside this choice (torch's checkpoint does not carry it).
+        cuDNN is left out by default (why: :mod:`mmpref.models.attention`). With gradient checkpointing the
+        backward's recomputed forward runs under the same choice.
     """
 
     pipeline: str = "tiny"
@@ -107,7 +98,7 @@ class DiffusionModelConfig:
     cache_shard_size: int = 256
     grouped_forward: bool = True
     gradient_checkpointing: bool = False
-    attention_backends: list[str] = field(default_factory=lambda: ["flash", "efficient", "math"])
+    attention_backends: list[str] = field(default_factory=lambda: list(DEFAULT_SDPA_BACKENDS))
     timestep_bins: int = 4
 
     def __post_init__(self) -> None:
@@ -120,10 +111,18 @@ class DiffusionModelConfig:
             raise ValueError(f"model.cfg_dropout must be in [0, 1), got {self.cfg_dropout!r}")
         if not self.snr_gamma > 0:
             raise ValueError(f"model.snr_gamma must be > 0, got {self.snr_gamma!r}")
-        unknown = [b for b in self.attention_backends if b not in SDPA_BACKENDS]
-        if unknown or not self.attention_backends:
-            raise ValueError(f"model.attention_backends: unknown or empty {unknown or '[]'}; "
-                             f"choose from {list(SDPA_BACKENDS)}")
+        check_backends(self.attention_backends, "model.attention_backends")
+
+
+def _checkpoint_under(backends: list[str]):
+    """diffusers' checkpoint call (non-reentrant), with the backward's recomputation under the same attention kernels
+    as the forward: torch's checkpoint does not carry ``sdpa_kernel``'s choice into it."""
+
+    def run(module: nn.Module, *args):
+        return checkpoint(module.__call__, *args, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), attention_kernels(backends)))
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -246,7 +245,7 @@ class DiffusionAdapter(Adapter):
     def _build_policy(self) -> nn.Module:
         unet = self.pipe.unet
         if self.mcfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            unet.enable_gradient_checkpointing(_checkpoint_under(self.mcfg.attention_backends))
         lcfg = self.cfg.lora
         if lcfg.enabled:
             from peft import LoraConfig
@@ -477,7 +476,7 @@ class DiffusionAdapter(Adapter):
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
         hidden, mask = hidden.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
         # the kernel choice also holds for the backward, which autograd records per attention op
-        with sdpa_kernel([SDPA_BACKENDS[b] for b in self.mcfg.attention_backends]):
+        with attention_kernels(self.mcfg.attention_backends):
             pol = _mse(policy, noisy, t, hidden, mask, target).view(b, n)
             ref = None
             if need_ref:

@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmpref.audio import GRIFFIN_LIM, GriffinLimVocoder, LogMel, MelConfig, samples_for
+from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels, check_backends
 from mmpref.models.tango import presets
 
 PIPELINE_FILE = "pipeline.json"
@@ -246,6 +248,7 @@ class TangoPipeline:
         progress: bool = False,
         output_type: Literal["wave", "mel", "latent"] = "wave",
         desc: str = "tango",
+        attention_backends: Sequence[str] = DEFAULT_SDPA_BACKENDS,
     ) -> np.ndarray | torch.Tensor:
         """Generate ``N = len(prompts) * num_samples_per_prompt`` samples (prompt-major order).
 
@@ -259,10 +262,12 @@ class TangoPipeline:
         Randomness is per sample: sample ``i`` uses its own CPU generator, seeded from ``(seed, i)``, for its
         initial noise and for every DDPM step, so results depend on neither ``batch_size`` nor the device's RNG.
         ``generator`` may instead be one generator (per-sample seeds are drawn from it) or a list of N.
-        ``desc`` labels the progress bar.
+        ``desc`` labels the progress bar. ``attention_backends``: the attention kernels the UNet may use, as in
+        training (:mod:`mmpref.models.attention`; cuDNN is left out by default).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_backends(attention_backends)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num_samples_per_prompt)]
         gens = _sample_generators(len(prompts), generator, seed)
@@ -271,7 +276,8 @@ class TangoPipeline:
         out = []
         for start in range(0, len(prompts), bs):
             sl = slice(start, start + bs)
-            latents = self._denoise(prompts[sl], gens[sl], duration_s, num_inference_steps, guidance_scale, bar)
+            with attention_kernels(attention_backends):
+                latents = self._denoise(prompts[sl], gens[sl], duration_s, num_inference_steps, guidance_scale, bar)
             out.append(self._finish(latents, output_type, duration_s))
         bar.close()
         if output_type == "wave":
