@@ -109,6 +109,18 @@ def test_rerunning_a_finished_run_is_a_no_op(tmp_path: Path):
     assert losses(again) == losses(first)
 
 
+def test_train_calls_in_one_process_with_other_settings_do_not_leak(tmp_path: Path):
+    """accelerate's process-wide state is cleared between runs: a bf16 run with accumulation, then a float32 one,
+    then the first again gives the first run's losses and weights exactly (accelerate refused the second before)."""
+    mixed = {"mixed_precision": "bf16", "grad_accum": 2, "max_steps": 3}
+    first = run(toy_config(tmp_path / "a", train=mixed))
+    plain = run(toy_config(tmp_path / "b", train={"max_steps": 3}))
+    again = run(toy_config(tmp_path / "c", train=mixed))
+    assert losses(again) == losses(first) != losses(plain)
+    for name, value in final_params(first).items():
+        torch.testing.assert_close(final_params(again)[name], value, rtol=0, atol=0)
+
+
 def test_keeps_the_last_n_checkpoints(tmp_path: Path):
     res = run(toy_config(tmp_path, train={"max_steps": 5, "save_every": 1, "keep_checkpoints": 2}))
     names = [p.name for p in complete_checkpoints(Path(res.output_dir))]

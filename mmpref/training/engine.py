@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, gather_object, set_seed
 from torch import nn
@@ -63,9 +64,22 @@ class _Needs:
     unpaired: bool
 
 
+def _forget_earlier_runs() -> None:
+    """Let a second ``train()`` in one process use other ``cpu`` / ``mixed_precision`` / accumulation settings.
+
+    accelerate keeps its state in process-wide singletons and refuses changed settings. Outside a distributed launch
+    nothing else holds that state, so it is cleared, as accelerate's own test cases do between tests (a private
+    helper: there is no public one). Inside a launch the process group lives in it: it is kept, and settings must
+    match."""
+    if not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     run = cfg.train
     out = Path(run.output_dir)
+    _forget_earlier_runs()
     accelerator = Accelerator(
         cpu=run.cpu,
         mixed_precision=run.mixed_precision,
