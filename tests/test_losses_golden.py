@@ -124,6 +124,20 @@ def test_bco_golden_and_running_mean():
     assert out.loss.item() == pytest.approx((-ls(-(0.1 - 0.0125)) - ls(0.0 - 0.0125)) / 2, rel=1e-12)
 
 
+def test_bco_udm_weights_scale_undesirable_rows_only():
+    s = unpaired([-1.0, -4.0, -2.0], [-1.5, -3.0, -2.0], [True, False, False])  # rewards [0.05, -0.1, 0]
+    s.weights = torch.tensor([7.0, 2.0, 0.5], dtype=torch.float64)  # the desirable row's 7 is ignored
+    out = get_loss("bco", beta=0.1)(s)
+    delta = (0.05 - 0.1 + 0.0) / 3
+    expected = (-ls(0.05 - delta) - 2.0 * ls(-(-0.1 - delta)) - 0.5 * ls(-(0.0 - delta))) / 3
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    assert out.metrics["bco/udm_weight"].item() == pytest.approx(1.25, rel=1e-12)
+    only_desirable = unpaired([-1.0], [-1.5], [True])
+    only_desirable.weights = torch.tensor([3.0], dtype=torch.float64)
+    plain = get_loss("bco", beta=0.1)(unpaired([-1.0], [-1.5], [True])).loss
+    assert get_loss("bco", beta=0.1)(only_desirable).loss.item() == pytest.approx(plain.item(), rel=1e-12)
+
+
 def test_bco_ema():
     loss = get_loss("bco", beta=0.1, momentum=0.9)
     loss(unpaired([-1.0, -4.0], [-1.5, -3.0], [True, False]))  # delta -0.025

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmpref.config import TrainConfig, check_source
 from mmpref.data.llm import LLMDataConfig, load_llm_data
+from mmpref.data.udm import UDMConfig, udm_weights
 from mmpref.losses import Scores, build_loss
 
 from .base import Adapter, LossRequirements
@@ -143,7 +145,27 @@ class LLMAdapter(Adapter):
         )
         if "completion_ids" in self._train.column_names and "label" in self._train.column_names and not self.unpaired:
             raise ValueError("data: unpaired rows (prompt, completion, label) need an unpaired loss such as kto or bco")
+        if cfg.data.udm is not None:
+            self._add_udm_weights(cfg.data.udm, objectives)
         self._last: dict[str, float] = {}
+
+    def _add_udm_weights(self, udm: UDMConfig, objectives: list) -> None:
+        """A ``udm_weight`` column on the train (and eval) rows: BCO's prompt density ratios (mmpref.data.udm)."""
+        heads = {t.name for o in objectives for _, t in getattr(o, "terms", [(1.0, o)])}
+        if "bco" not in heads:
+            raise ValueError(f"data.udm: prompt-distribution weights are used by the bco loss only; this run's "
+                             f"losses are {sorted(heads)} (remove data.udm or train with bco)")
+        check_source(udm.embedding_model, "data.udm.embedding_model", "a text encoder folder or a hub id")
+        sets = [d for d in (self._train, self._eval) if d is not None]
+        prompts = [(self.tokenizer.batch_decode(list(d["prompt_ids"]), skip_special_tokens=True), list(d["label"]))
+                   for d in sets]
+        weights = udm_weights(udm, *prompts[0], *prompts[1:])
+        self._train, *rest = [d.add_column("udm_weight", w.tolist()) for d, w in zip(sets, weights)]
+        if self._eval is not None:
+            self._eval = rest[0]
+        undesirable = weights[0][~np.asarray(prompts[0][1], bool)]
+        logger.info("data.udm: undesirable rows' weights mean %.3f, range [%.3f, %.3f]", undesirable.mean(),
+                    undesirable.min(), undesirable.max())
 
     # ----- construction -------------------------------------------------------------------------------------------
     @staticmethod
@@ -213,6 +235,8 @@ class LLMAdapter(Adapter):
         batch["idx"] = torch.tensor([r["idx"] for r in rows])
         if self.unpaired:
             batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows])
+            if "udm_weight" in rows[0]:
+                batch["udm_weight"] = torch.tensor([r["udm_weight"] for r in rows])
         if "ref" in rows[0]:  # cached reference scores, in the same row order
             refs = [x for r in rows for x in r["ref"]] + [r["kl_ref"] for r in rows if "kl_ref" in r]
             batch["ref"] = torch.tensor(refs, dtype=torch.float32)
@@ -247,7 +271,7 @@ class LLMAdapter(Adapter):
         logps, lengths = self.forward_logps(policy, batch)
         out = Scores(policy=logps, reference=ref, lengths=lengths)
         if self.unpaired:
-            out.labels = batch["desirable"]
+            out.labels, out.weights = batch["desirable"], batch.get("udm_weight")
             if kl_rows and loss.needs_kl:
                 out.kl_policy, out.kl_reference = logps[b:], ref[b:]
             out.policy, out.lengths = logps[:b], lengths[:b]

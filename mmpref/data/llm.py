@@ -25,6 +25,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from mmpref.config import check_source
+from mmpref.data.udm import UDMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class LLMDataConfig:
     eval_split: str | None = None  # a split name, or a file path
     eval_fraction: float = 0.0  # held out from the training split when eval_split is not given
     skip_invalid: bool = False  # drop invalid rows (with a report) instead of raising
+    udm: UDMConfig | None = None  # unpaired + bco: prompt-distribution matching weights (mmpref.data.udm)
 
 
 class DataValidationError(ValueError):

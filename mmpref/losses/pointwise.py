@@ -48,8 +48,9 @@ def bco(
     reward seen in training (count-weighted), otherwise an EMA ``delta <- m*delta + (1-m)*batch_mean``. It is
     updated, before use, only while grad is enabled (training), from the all-reduced batch mean; evaluation uses the
     stored value (0 before the first training step).
-    Not implemented: the paper's optional prompt-distribution-matching weights for undesirable rows (a density
-    ratio from a classifier on prompt embeddings, clamped to [0.5, 10]).
+    With ``Scores.weights`` (the paper's underlying-distribution matching: a density ratio from a classifier on
+    prompt embeddings, clamped to [0.5, 10]; :mod:`mmpref.data.udm`) each undesirable row's loss is multiplied by
+    its weight, so undesirable prompts count as if drawn from the desirable prompts' distribution.
     Paper: Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"
     (arXiv 2404.04656).
     """
@@ -58,7 +59,13 @@ def bco(
         _update_running_mean(state, reward, momentum)
     delta = state["delta"].to(reward) if "delta" in state else reward.new_zeros(())
     z = reward - delta
-    return -F.logsigmoid(torch.where(view.labels, z, -z)), {"bco/delta": delta.detach()}
+    losses = -F.logsigmoid(torch.where(view.labels, z, -z))
+    metrics = {"bco/delta": delta.detach()}
+    weights = view.undesirable_weights
+    if weights is not None:
+        losses = losses * weights
+        metrics["bco/udm_weight"] = weights[~view.labels].mean()  # NaN without undesirable rows: skipped in logs
+    return losses, metrics
 
 
 def _update_running_mean(state: dict[str, Tensor], values: Tensor, momentum: float | None) -> None:

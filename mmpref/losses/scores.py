@@ -31,6 +31,8 @@ class Scores:
             (prompt, completion) pairs, or the policy's own samples for the ``kl`` regulariser.
         win_prob: SPPO's win probabilities ``P``, shape ``(B, 1+K)``; hard labels (1 for the winner, 0 for losers)
             when ``None``.
+        weights: unpaired only, ``(B,)`` weights of the undesirable rows' losses: BCO's prompt density ratios
+            (:mod:`mmpref.data.udm`); desirable rows ignore them. ``None``: all 1.
     """
 
     policy: Tensor
@@ -40,6 +42,7 @@ class Scores:
     kl_policy: Tensor | None = None
     kl_reference: Tensor | None = None
     win_prob: Tensor | None = None
+    weights: Tensor | None = None
 
     @property
     def grouped(self) -> bool:
@@ -108,6 +111,13 @@ class ScoreView:
         hard = torch.zeros_like(self.lp, requires_grad=False)
         hard[:, 0] = 1.0
         return hard
+
+    @cached_property
+    def undesirable_weights(self) -> Tensor | None:
+        """``Scores.weights`` (detached) where a row is undesirable, 1 where desirable; None without weights."""
+        if self.scores.weights is None:
+            return None
+        return torch.where(self.labels, 1.0, self._cast(self.scores.weights, detach=True))
 
     @cached_property
     def kl_lp(self) -> Tensor:
