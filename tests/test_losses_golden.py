@@ -136,6 +136,10 @@ def test_bco_udm_weights_scale_undesirable_rows_only():
     only_desirable.weights = torch.tensor([3.0], dtype=torch.float64)
     plain = get_loss("bco", beta=0.1)(unpaired([-1.0], [-1.5], [True])).loss
     assert get_loss("bco", beta=0.1)(only_desirable).loss.item() == pytest.approx(plain.item(), rel=1e-12)
+    for bad, match in ((torch.tensor([1.0, 2.0]), "shape"), (torch.tensor([1.0, -2.0, 1.0]), "non-negative")):
+        s.weights = bad.double()
+        with pytest.raises(ValueError, match=match):
+            get_loss("bco", beta=0.1)(s)
 
 
 def test_bco_ema():

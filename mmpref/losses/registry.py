@@ -266,12 +266,14 @@ def validate_scores(scores: Scores, loss: PreferenceLoss) -> None:
         raise ValueError(f"loss {loss.name!r} needs completion lengths: Scores.lengths is None")
     if loss.needs_kl and (scores.kl_policy is None or scores.kl_reference is None):
         raise ValueError(f"loss {loss.name!r} needs Scores.kl_policy and Scores.kl_reference")
-    for name in ("reference", "lengths", "win_prob"):
+    for name in ("reference", "lengths", "win_prob", "weights"):
         t = getattr(scores, name)
         if t is not None and (not isinstance(t, Tensor) or t.shape != lp.shape):
             raise ValueError(f"Scores.{name} has shape {_describe(t)} but Scores.policy has {tuple(lp.shape)}")
     if scores.win_prob is not None and unpaired:
         raise ValueError("Scores.win_prob is for grouped data only; got it with Scores.labels")
+    if scores.weights is not None and (not unpaired or (scores.weights.detach() < 0).any()):
+        raise ValueError("Scores.weights are non-negative weights of unpaired rows (with Scores.labels)")
     kl = [getattr(scores, n) for n in ("kl_policy", "kl_reference")]
     if any(t is not None for t in kl):
         if any(not isinstance(t, Tensor) or t.dim() != 1 for t in kl) or kl[0].shape != kl[1].shape:
@@ -279,7 +281,7 @@ def validate_scores(scores: Scores, loss: PreferenceLoss) -> None:
                 "Scores.kl_policy and Scores.kl_reference must both be given as (M,) tensors of one shape; "
                 f"got {_describe(kl[0])} and {_describe(kl[1])}"
             )
-    for name in ("policy", "reference", "lengths", "kl_policy", "kl_reference", "win_prob"):
+    for name in ("policy", "reference", "lengths", "kl_policy", "kl_reference", "win_prob", "weights"):
         t = getattr(scores, name)
         if t is not None and not torch.isfinite(t.detach()).all():
             raise ValueError(f"Scores.{name} contains NaN or inf")
