@@ -151,7 +151,7 @@ class LLMAdapter(Adapter):
 
     def _add_udm_weights(self, udm: UDMConfig, objectives: list) -> None:
         """A ``udm_weight`` column on the train (and eval) rows: BCO's prompt density ratios (mmpref.data.udm)."""
-        heads = {t.name for o in objectives for _, t in getattr(o, "terms", [(1.0, o)])}
+        heads = {t.name for o in objectives for _, t in o.terms}  # build_loss: always combined
         if "bco" not in heads:
             raise ValueError(f"data.udm: prompt-distribution weights are used by the bco loss only; this run's "
                              f"losses are {sorted(heads)} (remove data.udm or train with bco)")

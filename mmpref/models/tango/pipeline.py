@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmpref.audio import GRIFFIN_LIM, GriffinLimVocoder, LogMel, MelConfig, samples_for
-from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels, check_backends
+from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels
 from mmpref.models.tango import presets
 
 PIPELINE_FILE = "pipeline.json"
@@ -267,7 +267,6 @@ class TangoPipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        check_backends(attention_backends)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num_samples_per_prompt)]
         gens = _sample_generators(len(prompts), generator, seed)
