@@ -6,6 +6,9 @@
     mmpref demo [--quick] [--modality text] the offline end-to-end demo
     mmpref losses                           list the losses in the core
 
+Errors are one line naming the file, line or key and what to do (exit status 1); add --debug (or set
+MMPREF_DEBUG=1) to see the traceback.
+
 Each subcommand lives next to the code it drives and is imported only when used, so ``mmpref losses`` does not
 import diffusers and ``mmpref train`` does not import the synthesis code.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+
+from mmpref.errors import debug_enabled, describe
 
 # subcommand -> (module with a ``main(argv) -> int | None``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,15 +38,10 @@ def train_main(argv: Sequence[str]) -> int:
               "train.output_dir=runs/x, phases.1.loss.dpo.beta=0.2). Resumes from the newest checkpoint in\n"
               "train.output_dir unless train.resume=false. Multi-process: accelerate launch -m mmpref.cli train ...")
         return 0 if argv else 2
-    from mmpref.config import ConfigError, load_config
-    from mmpref.training import TrainingError, train
+    from mmpref.config import load_config
+    from mmpref.training import train
 
-    try:
-        cfg = load_config(argv[0], list(argv[1:]))
-        result = train(cfg)
-    except (ConfigError, TrainingError, FileNotFoundError) as err:
-        print(f"mmpref train: {err}", file=sys.stderr)
-        return 1
+    result = train(load_config(argv[0], list(argv[1:])))
     print(f"done: {result.step} steps; final model in {result.final_dir}; metrics in {result.metrics_file}")
     return 0
 
@@ -60,13 +60,44 @@ def losses_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or debug_enabled()
+    args = [a for a in args if a != "--debug"]
     if not args or args[0] in {"-h", "--help"}:
         print(__doc__.strip())
         return 0 if args else 2
+    if args[0] == "--version":
+        from mmpref import __version__
+
+        print(f"mmpref {__version__}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"mmpref: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    try:
+        return _run(name, rest)
+    except KeyboardInterrupt:
+        print(f"mmpref {name}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as err:  # every error becomes one line (the traceback only when asked for)
+        _close_progress_bars()
+        if debug:
+            raise
+        print(f"mmpref {name}: {describe(err)}", file=sys.stderr)
+        return 1
+
+
+def _close_progress_bars() -> None:
+    """Finish the lines of progress bars the error interrupted, so the message starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _run(name: str, rest: list[str]) -> int:
     if name == "train":
         return train_main(rest)
     if name == "losses":

@@ -1,20 +1,27 @@
 """Typed run configuration: dataclasses loaded from YAML (``configs/*.yaml``) with ``key=value`` overrides.
 
 The ``model:`` and ``data:`` sections are typed by the adapter named in ``modality`` (its ``model_config_class``
-and ``data_config_class``). Unknown keys and bad values are errors that name the dotted key.
+and ``data_config_class``, found through :mod:`mmpref.modalities`). Files, includes, overrides and type errors
+follow :mod:`mmpref.yaml_config`: unknown keys and bad values are errors that name the file and the dotted key.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
-import yaml
+from mmpref.errors import ConfigError
+from mmpref.io import write_text_atomic
+from mmpref.modalities import get_adapter_class
+from mmpref.yaml_config import build, check, dump_yaml, load, where
+
+REFERENCE_MODES = ("copy", "lora", "cached", "none")
+SCHEDULERS = ("linear", "cosine", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -30,6 +37,9 @@ class ReferenceConfig:
     path: str | None = None  # a different reference checkpoint; None means the policy's starting weights
     cache_dir: str | None = None  # for mode=cached; default <output_dir>/reference_cache
 
+    def __post_init__(self) -> None:
+        check(self.mode in REFERENCE_MODES, "mode", f"must be one of {', '.join(REFERENCE_MODES)}; got {self.mode!r}")
+
 
 @dataclass
 class LoraConfig:
@@ -38,6 +48,10 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the adapter's sensible default
+
+    def __post_init__(self) -> None:
+        check(self.r >= 1, "r", f"must be >= 1; got {self.r}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1); got {self.dropout}")
 
 
 @dataclass
@@ -48,6 +62,12 @@ class PhaseConfig:
     loss: Any  # a loss spec, see mmpref.losses.build_loss
     epochs: float | None = None
     max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check(not (self.epochs is not None and self.max_steps is not None), "epochs", "give `epochs` or "
+              "`max_steps`, not both")
+        check(self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0), "epochs", "must be > 0")
+        check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
 
 
 @dataclass
@@ -60,9 +80,28 @@ class OptimConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
 
+    def __post_init__(self) -> None:
+        check(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a positive number (e.g. 1e-5); got {self.lr}")
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+              f"must be two numbers in [0, 1); got {self.betas}")
+        check(self.eps > 0, "eps", "must be > 0")
+        check(self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}; "
+              f"got {self.scheduler!r}")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null (no "
+              "clipping)")
+
 
 @dataclass
 class RunConfig:
+    """The ``train:`` section: how the run is driven (batches, steps, precision, logging, checkpoints, folders).
+
+    output_dir: the run's folder. A new run needs an empty or new folder; a folder holding an mmpref run is resumed
+        (``resume: true``, the default: the saved config must match, see :mod:`mmpref.training.run_folder`) or
+        started over (``overwrite: true``: only the files that run wrote are removed).
+    """
+
     output_dir: str = "runs/default"
     batch_size: int = 4  # per process
     grad_accum: int = 1
@@ -75,9 +114,21 @@ class RunConfig:
     keep_checkpoints: int = 2
     eval_every: int | None = None
     num_workers: int = 0
-    resume: bool = True  # continue from the newest complete checkpoint in output_dir
+    resume: bool = True  # continue the run in output_dir from its newest intact checkpoint
+    overwrite: bool = False  # start over in an output_dir that holds an earlier run (its files only are removed)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
     cpu: bool = False  # force CPU (tests, CPU-only multi-process runs)
+
+    def __post_init__(self) -> None:
+        check(bool(self.output_dir), "output_dir", "required")
+        for name in ("batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1; got {getattr(self, name)}")
+        check(math.isfinite(self.epochs) and self.epochs > 0, "epochs", f"must be > 0; got {self.epochs}")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
+        check(self.eval_every is None or self.eval_every >= 1, "eval_every", "must be >= 1 or null (no evaluation)")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+              f"must be one of {', '.join(MIXED_PRECISION)}; got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -94,88 +145,42 @@ class TrainConfig:
 
 
 # ----- loading ------------------------------------------------------------------------------------------------------
-class ConfigError(ValueError):
-    """A bad configuration; the message names the file and the dotted key."""
-
-
-def check_source(value: str, key: str, what: str) -> None:
-    """Fail early, naming ``key``, when ``value`` is meant as a local path but does not exist.
-
-    A value is a hub id only if it looks like one (``name`` or ``org/name``); anything else (absolute, ``./``,
-    ``~``, or with more than one ``/``) is a local path. Without this, a typo reaches the hub client and comes back
-    as an unrelated "Repo id must be in the form ..." error.
-    """
-    local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.path.exists(value)
-    if local and not os.path.exists(os.path.expanduser(value)):
-        raise FileNotFoundError(f"{key}: {value!r} does not exist; expected {what}. Set it with {key}=PATH")
-
-
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read ``path`` (YAML, optionally with ``defaults: [base.yaml, ...]``), apply ``key.sub=value`` overrides, type it.
 
-    Override values are parsed with ``yaml.safe_load`` (``train.lr=1e-5``, ``loss={dpo: {beta: 0.2}}``); list items
-    are addressed by index (``phases.1.epochs=2``).
+    Values are read as in :mod:`mmpref.yaml_config` (``optim.lr=1e-5`` is a float, ``loss={dpo: {beta: 0.2}}`` a
+    mapping); list items are addressed by index (``phases.1.epochs=2``).
     """
-    raw = _read_yaml(Path(path), seen=())
-    overridden: dict[str, str] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key = key.strip()
-        try:
-            _set_dotted(raw, key.split("."), _parse_override_value(text))
-        except (KeyError, IndexError, TypeError) as e:
-            raise ConfigError(f"override {item!r}: {e}") from None
-        overridden[key] = item
+    raw, overridden = load(path, overrides)
     return config_from_dict(raw, source=str(path), overridden=overridden)
-
-
-# YAML 1.1 reads these as booleans; on a command line they are words (train.mixed_precision=no means "no")
-_YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
-
-
-def _parse_override_value(text: str) -> Any:
-    """An override's value as YAML, except that only ``true``/``false`` are booleans (YAML 1.2)."""
-    if text.strip().lower() in _YAML11_BOOL_WORDS:
-        return text.strip()
-    return yaml.safe_load(text)
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overridden: Mapping[str, str] = ()) -> TrainConfig:
     """Type a plain dict (as read from YAML) into a :class:`TrainConfig`; errors name ``source`` and the key."""
-
-    def where(key: str) -> str:
-        hits = [item for k, item in dict(overridden).items() if key == k or key.startswith(k + ".")]
-        return f"{source}: {key}" + (f" (from override {hits[-1]!r})" if hits else "")
-
+    overridden = dict(overridden)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
-    raw = dict(raw)
     modality = raw.get("modality")
     if not isinstance(modality, str):
-        raise ConfigError(f"{where('modality')}: required, a string naming the adapter (e.g. llm, diffusion)")
-    from mmpref.adapters import get_adapter_class  # lazy: adapters import the loss core
-
+        raise ConfigError(f"{where(source, 'modality', overridden)}: required, a string naming the adapter "
+                          "(e.g. llm, diffusion)")
     try:
         adapter = get_adapter_class(modality)
     except (KeyError, ImportError) as e:
-        raise ConfigError(f"{where('modality')}: {e}") from None
-    hints = {**_hints(TrainConfig), "model": adapter.model_config_class, "data": adapter.data_config_class}
-    try:
-        cfg = _build(TrainConfig, raw, "", hints)
-    except _KeyError as e:
-        raise ConfigError(f"{where(e.key)}: {e.msg}") from None
-    _check_objective(cfg, where)
+        raise ConfigError(f"{where(source, 'modality', overridden)}: {e.args[0] if e.args else e}") from None
+    hints = {**typing.get_type_hints(TrainConfig), "model": adapter.model_config_class,
+             "data": adapter.data_config_class}
+    cfg = build(TrainConfig, dict(raw), source, overridden, hints=hints)
+    _check_objective(cfg, lambda key: where(source, key, overridden))
     return cfg
 
 
-def _check_objective(cfg: TrainConfig, where: Callable[[str], str]) -> None:
+def _check_objective(cfg: TrainConfig, at: typing.Callable[[str], str]) -> None:
     """Exactly one of ``loss`` / ``phases``; every loss spec builds; only the last phase may be open-ended."""
     from mmpref.losses import build_loss
 
     if (cfg.loss is None) == (not cfg.phases):
-        raise ConfigError(f"{where('loss')}: give exactly one of `loss` (one objective) or `phases` (a recipe)")
+        raise ConfigError(f"{at('loss')}: give exactly one of `loss` (one objective) or `phases` (a recipe)")
     specs = (
         [("loss", cfg.loss)]
         if cfg.loss is not None
@@ -185,16 +190,10 @@ def _check_objective(cfg: TrainConfig, where: Callable[[str], str]) -> None:
         try:
             build_loss(spec)
         except (TypeError, ValueError, KeyError) as e:
-            raise ConfigError(f"{where(key)}: {e}") from None
-    for i, p in enumerate(cfg.phases):
-        if p.epochs is not None and p.max_steps is not None:
-            raise ConfigError(f"{where(f'phases.{i}')}: give `epochs` or `max_steps`, not both")
-        if p.epochs is None and p.max_steps is None and i < len(cfg.phases) - 1:
-            raise ConfigError(f"{where(f'phases.{i}')}: only the last phase may omit `epochs`/`max_steps`")
-        if (p.epochs is not None and p.epochs <= 0) or (p.max_steps is not None and p.max_steps <= 0):
-            raise ConfigError(f"{where(f'phases.{i}')}: `epochs`/`max_steps` must be positive")
-    if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
-        raise ConfigError(f"{where('train')}: batch_size and grad_accum must be >= 1")
+            raise ConfigError(f"{at(key)}: {e.args[0] if e.args else e}") from None
+    for i, p in enumerate(cfg.phases[:-1]):
+        if p.epochs is None and p.max_steps is None:
+            raise ConfigError(f"{at(f'phases.{i}')}: only the last phase may omit `epochs`/`max_steps`")
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -204,118 +203,4 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), so a run records exactly what it trained with."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-
-
-# ----- internals ----------------------------------------------------------------------------------------------------
-class _KeyError(Exception):
-    def __init__(self, key: str, msg: str):
-        super().__init__(f"{key}: {msg}")
-        self.key, self.msg = key, msg
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
-    """One file, with its ``defaults:`` bases (paths relative to it) merged underneath, later entries winning."""
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: circular `defaults:` include")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    bases = raw.pop("defaults", None) or []
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, _read_yaml(path.parent / base, (*seen, path.resolve())))
-    return _merge(merged, raw)
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_dotted(raw: Any, keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
-        if isinstance(raw, list):
-            raw = raw[int(k)]
-        else:
-            raw = raw.setdefault(k, {})
-            if not isinstance(raw, (dict, list)):
-                raise TypeError(f"{k!r} is not a mapping")
-    if isinstance(raw, list):
-        raw[int(keys[-1])] = value
-    else:
-        raw[keys[-1]] = value
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(tp: Any, value: Any, key: str, hints: Mapping[str, Any] | None = None) -> Any:
-    """``value`` (plain YAML data) checked against the type annotation ``tp``; dataclasses recursively."""
-    label = key or "<top>"
-    if tp is Any:
-        return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for a in options:
-            try:
-                return _build(a, value, key)
-            except _KeyError as e:
-                errors.append(e)
-        if len(options) == 1:
-            raise errors[0]
-        raise _KeyError(label, f"expected {_name(tp)}, got {value!r}")
-    if is_dataclass(tp):
-        if is_dataclass(value) and isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise _KeyError(label, f"expected a mapping ({tp.__name__}), got {value!r}")
-        hints = hints or _hints(tp)
-        known = {f.name for f in fields(tp)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            prefix = f"{key}." if key else ""
-            raise _KeyError(f"{prefix}{unknown[0]}", f"unknown key; {tp.__name__} accepts {sorted(known)}")
-        kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
-        missing = [f.name for f in fields(tp) if f.name not in kwargs and _required(f)]
-        if missing:
-            raise _KeyError(f"{key}.{missing[0]}" if key else missing[0], "required")
-        return tp(**kwargs)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _KeyError(label, f"expected a list, got {value!r}")
-        return [_build(args[0] if args else Any, v, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _KeyError(label, f"expected a mapping, got {value!r}")
-        vt = args[1] if args else Any
-        return {k: _build(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise _KeyError(label, f"expected {tp.__name__}, got {value!r}")
-    return value
-
-
-def _required(f: Any) -> bool:
-    return f.default is MISSING and f.default_factory is MISSING
-
-
-def _name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    write_text_atomic(path, dump_yaml(config_to_dict(cfg)))

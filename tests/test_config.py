@@ -125,12 +125,12 @@ def test_save_config_round_trips(cfg_file: Path, tmp_path: Path):
 
 def test_bad_yaml_names_file(tmp_path: Path):
     (tmp_path / "x.yaml").write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"x\.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"x\.yaml: line 2: invalid YAML"):
         load_config(tmp_path / "x.yaml")
 
 
 def test_missing_local_sources_name_their_key(tmp_path: Path):
-    from mmpref.config import check_source
+    from mmpref.sources import check_source
 
     with pytest.raises(FileNotFoundError, match=r"model.path: '/nope/model' does not exist.*model.path=PATH"):
         check_source("/nope/model", "model.path", "a model folder")

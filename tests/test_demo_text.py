@@ -120,15 +120,17 @@ def test_paired_difference_and_error_counts():
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(SystemExit, match="unknown; available"):
+    from mmpref.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown; available"):
         load_demo_config(DEFAULT_CONFIG, quick=False, loss="nope")
-    with pytest.raises(SystemExit, match="sft.train.max_stepz"):
+    with pytest.raises(ConfigError, match="sft.train.max_stepz"):
         load_demo_config(DEFAULT_CONFIG, quick=False, loss="dpo", settings=["sft.train.max_stepz=3"])
     cfg = load_demo_config(DEFAULT_CONFIG, quick=False, loss="kto", settings=["align.train.max_steps=7"])
     assert cfg["align"]["loss"] == {"kto": {"beta": 0.1}} and cfg["align"]["train"]["max_steps"] == 7
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: [1]\n")
-    with pytest.raises(SystemExit, match="bad.yaml: section `task`"):
+    with pytest.raises(ConfigError, match="bad.yaml: section `task`"):
         load_demo_config(bad, quick=False, loss="dpo")
 
 

@@ -1,21 +1,11 @@
-"""Adapters: each owns one modality and produces the loss core's scores."""
+"""Adapters: each owns one modality and produces the loss core's scores.
 
-from .base import Adapter, LossRequirements, get_adapter_class, register_adapter
+``llm`` and ``diffusion`` are found through :mod:`mmpref.modalities` (imported on first use); register another
+with :func:`register_adapter`.
+"""
 
+from mmpref.modalities import get_adapter_class, register_adapter
 
-def _llm():
-    from .llm import LLMAdapter
-
-    return LLMAdapter
-
-
-def _diffusion():
-    from .diffusion import DiffusionAdapter
-
-    return DiffusionAdapter
-
-
-register_adapter("llm", _llm)
-register_adapter("diffusion", _diffusion)
+from .base import Adapter, LossRequirements
 
 __all__ = ["Adapter", "LossRequirements", "get_adapter_class", "register_adapter"]

@@ -6,7 +6,6 @@ The training engine only ever calls the methods below; it knows neither the moda
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 from torch import nn
@@ -63,6 +62,10 @@ class Adapter(ABC):
     def scores(self, policy: nn.Module, batch: dict, loss: LossRequirements) -> Scores:
         """Policy (and, when ``loss.needs_reference``, reference) scores for one batch."""
 
+    def data_fingerprint(self) -> str:
+        """A hash of the training data as this adapter read it ("" if unknown): a resumed run must see the same."""
+        return ""
+
     def step_metrics(self) -> dict[str, float]:
         """Adapter-specific metrics of the last :meth:`scores` call (e.g. errors binned by timestep)."""
         return {}
@@ -70,17 +73,3 @@ class Adapter(ABC):
     @abstractmethod
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
         """Write the trained model (safetensors; adapters alone for LoRA) to ``path``."""
-
-
-_ADAPTERS: dict[str, Callable[[], type[Adapter]]] = {}
-
-
-def register_adapter(name: str, loader: Callable[[], type[Adapter]]) -> None:
-    """Register an adapter class lazily (importing it may pull heavy dependencies)."""
-    _ADAPTERS[name] = loader
-
-
-def get_adapter_class(name: str) -> type[Adapter]:
-    if name not in _ADAPTERS:
-        raise KeyError(f"unknown modality {name!r}; available: {', '.join(sorted(_ADAPTERS))}")
-    return _ADAPTERS[name]()

@@ -9,16 +9,16 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
 from mmpref.demo.world import World
+from mmpref.errors import RunFolderError
 from mmpref.io import write_json_atomic
+from mmpref.yaml_config import build, check, load
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -90,8 +90,7 @@ class EvalConfig:
     split: str = "heldout"  # "heldout" (the reported test) or "val" (for tuning; written to eval_val/)
 
     def __post_init__(self) -> None:
-        if self.split not in EVAL_SPLITS:
-            raise ValueError(f"eval.split must be one of {EVAL_SPLITS}, got {self.split!r}")
+        check(self.split in EVAL_SPLITS, "split", f"must be one of {', '.join(EVAL_SPLITS)}; got {self.split!r}")
 
 
 @dataclass
@@ -132,35 +131,13 @@ class DemoConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "<dict>") -> DemoConfig:
-        return _build(cls, raw, source, "")
+        return build(cls, raw, source)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, overrides: dict | None = None) -> DemoConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
-        for key, value in (overrides or {}).items():
-            raw[key] = value
-        return cls.from_dict(raw, str(path))
-
-
-def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}")
-    kwargs = {}
-    defaults = cls()
-    for name, value in raw.items():
-        default = getattr(defaults, name)
-        if is_dataclass(default):
-            merged = {**asdict(default), **value} if isinstance(value, dict) else value
-            kwargs[name] = _build(type(default), merged, source, f"{prefix}{name}.")
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+    def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> DemoConfig:
+        """The demo YAML with ``key.sub=value`` overrides (the loader of every mmpref config)."""
+        raw, overridden = load(path, overrides)
+        return build(cls, raw, str(path), overridden)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,7 +164,7 @@ STAGE_INPUTS: dict[str, list[str]] = {
 }
 
 
-class StaleStageError(RuntimeError):
+class StaleStageError(RunFolderError):
     """A cached stage was made with other settings than the current config."""
 
 

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from mmpref.io import read_jsonl, write_jsonl_atomic, write_text_atomic
+from mmpref.errors import ConfigError
+from mmpref.io import claim_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
+from mmpref.yaml_config import apply_overrides, read_yaml, set_dotted
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_text.yaml"
 PERTURBATIONS = ("omission", "replacement", "reordering")
@@ -354,36 +355,21 @@ def verdict(diff: dict) -> str:
 # ----- configuration and entry point --------------------------------------------------------------------------------
 def load_demo_config(path: Path, quick: bool, loss: str, settings: Sequence[str] = ()) -> dict:
     """The demo YAML with the ``quick`` section (when ``quick``) and ``key.sub=value`` ``settings`` applied, and
-    ``align.loss`` set to ``loss`` with its ``loss_params`` (registry defaults otherwise)."""
+    ``align.loss`` set to ``loss`` with its ``loss_params`` (registry defaults otherwise). Read with the loader of
+    every mmpref config; a setting must name an existing key."""
     from mmpref.losses import available_losses
 
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"cannot read demo config {path}: {e}") from None
+    cfg = read_yaml(path)
     for key in ("task", "model", "eval", "sft", "align"):
         if not isinstance(cfg.get(key), dict):
-            raise SystemExit(f"{path}: section `{key}` is missing or not a mapping")
-    overrides = [*((cfg.get("quick") or {}).items() if quick else ()), *(_parse_set(item) for item in settings)]
-    for dotted, value in overrides:
-        node = cfg
-        *head, last = dotted.split(".")
-        for k in head:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or last not in node:
-            raise SystemExit(f"{path}: override {dotted}={value!r} names no existing key")
-        node[last] = value
+            raise ConfigError(f"{path}: section `{key}` is missing or not a mapping")
+    for dotted, value in ((cfg.get("quick") or {}).items() if quick else ()):
+        set_dotted(cfg, dotted, value, str(path), must_exist=True, label=f"quick.{dotted}")
+    apply_overrides(cfg, settings, str(path), must_exist=True)
     if loss not in available_losses():
-        raise SystemExit(f"--loss {loss!r}: unknown; available: {', '.join(available_losses())}")
+        raise ConfigError(f"--loss {loss!r}: unknown; available: {', '.join(available_losses())}")
     cfg["align"]["loss"] = {loss: dict((cfg.get("loss_params") or {}).get(loss) or {})}
     return cfg
-
-
-def _parse_set(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise SystemExit(f"--set {item!r} must look like key.sub=value (e.g. sft.train.max_steps=300)")
-    return key.strip(), yaml.safe_load(text)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -403,7 +389,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_demo_config(Path(args.config), args.quick, args.loss, args.set)
-    out = Path(args.out)
+    out = claim_folder(args.out, "mmpref demo --modality text", "--out", legacy=_written_by_the_text_demo)
     seed = args.seed
     key_data = fingerprint(cfg["task"], seed)
     data = run_cached(out, "data", key_data, lambda: build_data(cfg, seed, out / "data"))
@@ -436,6 +422,16 @@ def run(args: argparse.Namespace) -> dict:
     write_text_atomic(out / "report.md", render_markdown(report))
     print(f"[report] {report['verdict']} -> {out / 'report.md'}")
     return report
+
+
+TEXT_DEMO_ENTRIES = ("data", "model", "sft", "align", "sft_control", "eval_*", "*.done.json", "report.json",
+                     "report.md")
+
+
+def _written_by_the_text_demo(entries: list[str]) -> bool:
+    import fnmatch
+
+    return all(any(fnmatch.fnmatch(e, p) for p in TEXT_DEMO_ENTRIES) for e in entries)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
-from mmpref.config import ConfigError, _build, _KeyError, _read_yaml, _set_dotted
+from mmpref.errors import ConfigError
 from mmpref.synthesis.perturb import STRATEGIES
+from mmpref.yaml_config import build, load
 
 AUDIO_FORMATS = ("flac", "wav")
 
@@ -120,23 +118,12 @@ class SynthConfig:
 
 def load_synth_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SynthConfig:
     """Read a synth YAML (with ``defaults:`` and ``key=value`` overrides) into a checked :class:`SynthConfig`."""
-    raw = _read_yaml(Path(path), seen=())
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        try:
-            _set_dotted(raw, key.strip().split("."), yaml.safe_load(text))
-        except (KeyError, IndexError, TypeError) as e:
-            raise ConfigError(f"override {item!r}: {e}") from None
-    return synth_config_from_dict(raw, source=str(path))
+    raw, overridden = load(path, overrides)
+    return synth_config_from_dict(raw, source=str(path), overridden=overridden)
 
 
-def synth_config_from_dict(raw: dict, source: str = "<dict>") -> SynthConfig:
-    try:
-        cfg = _build(SynthConfig, raw, "")
-    except _KeyError as e:
-        raise ConfigError(f"{source}: {e.key}: {e.msg}") from None
+def synth_config_from_dict(raw: dict, source: str = "<dict>", overridden: dict | None = None) -> SynthConfig:
+    cfg = build(SynthConfig, raw, source, overridden)
     try:
         cfg.validate()
     except ValueError as e:
