@@ -77,10 +77,11 @@ def test_validation_reports_counts_rows_and_file(tmp_path, tok):
         load_llm_data(cfg, tok)
     msg = str(err.value)
     assert path in msg and "4 of 8 rows invalid" in msg
-    assert "1 row(s) with empty or non-string chosen/rejected (first rows: 1)" in msg
-    assert "1 row(s) with chosen == rejected (first rows: 3)" in msg
-    assert "1 row(s) with empty or non-string prompt (first rows: 4)" in msg
-    assert "prompt alone >= max_length=32 tokens (first rows: 6)" in msg
+    # rows 1, 3, 4, 6 (0-based) are lines 2, 4, 5, 7 of the JSONL file, as an editor numbers them
+    assert "1 row(s) with empty or non-string chosen/rejected (line 2)" in msg
+    assert "1 row(s) with chosen == rejected (line 4)" in msg
+    assert "1 row(s) with empty or non-string prompt (line 5)" in msg
+    assert "prompt alone >= max_length=32 tokens (raise data.max_length) (line 7)" in msg
     cfg.skip_invalid = True
     train, _ = load_llm_data(cfg, tok)
     assert train["row"] == [0, 2, 5, 7] and train["idx"] == [0, 1, 2, 3]

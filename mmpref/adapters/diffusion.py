@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmpref.adapters.base import Adapter, LossRequirements
 from mmpref.audio import normalize_wave, samples_for
-from mmpref.config import check_source
 from mmpref.data.audio import (
     AudioIssue,
     AudioPreferenceDataConfig,
@@ -42,6 +41,7 @@ from mmpref.data.audio import (
     PreferenceIndex,
     ShardReader,
     ShardWriter,
+    audio_digest,
     audio_stats_fingerprint,
     cache_is_valid,
     default_cache_dir,
@@ -52,8 +52,10 @@ from mmpref.data.audio import (
     read_and_check,
     read_cache_meta,
 )
+from mmpref.errors import DataError
 from mmpref.losses import Scores
 from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels, check_backends
+from mmpref.sources import check_source, loading
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +196,9 @@ class _ClipReader(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None, str]:
         wave, reason = read_and_check(self.index, self.ids[i], self.sr, self.data)
-        return i, (None if wave is None else prepare_wave(wave, self.n)), reason
+        return i, (None if wave is None else prepare_wave(wave, self.n)), reason, audio_digest(wave)
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
@@ -240,7 +242,9 @@ class DiffusionAdapter(Adapter):
             return None
         ref = load_pipeline(self.mcfg, rcfg.path).unet if rcfg.path else copy.deepcopy(self.pipe.unet)
         dtype = _dtype(rcfg.dtype) or ref.dtype
-        return ref.to(dtype=dtype).requires_grad_(False).eval()
+        if dtype != ref.dtype:  # diffusers warns on every .to(dtype), also a no-op one
+            ref = ref.to(dtype=dtype)
+        return ref.requires_grad_(False).eval()
 
     def _build_policy(self) -> nn.Module:
         unet = self.pipe.unet
@@ -258,6 +262,10 @@ class DiffusionAdapter(Adapter):
     @property
     def train_dataset(self) -> Dataset:
         return self._dataset
+
+    def data_fingerprint(self) -> str:
+        """The preference file's contents and the grouping (not the audio files: those are checked by the cache)."""
+        return self.index.fingerprint
 
     def setup(self, accelerator: Any, loss: LossRequirements | None = None) -> None:
         self.device = accelerator.device
@@ -285,8 +293,8 @@ class DiffusionAdapter(Adapter):
     # ----- data and cache ---------------------------------------------------------------------------------------
     def _prepare_data(self, accelerator: Any) -> list:
         if not self.mcfg.cache:
-            issues = self._validate_all()
-            groups = self._usable_groups(issues)
+            issues, digests = self._validate_all()
+            groups = self._usable_groups(issues, digests)
             self._dataset.inner = _AudioGroups(self.index, groups, self.pipe.mel_config.sample_rate,
                                          samples_for(self.dcfg.duration_s, self.pipe.mel_config))
             return groups
@@ -297,7 +305,7 @@ class DiffusionAdapter(Adapter):
         accelerator.wait_for_everyone()
         meta = read_cache_meta(directory)
         issues = [AudioIssue(k, r) for k, r in meta["issues"]]
-        groups = self._usable_groups(issues)
+        groups = self._usable_groups(issues, dict(zip(meta["clips"], meta["digests"])))
         clip_row = {k: i for i, k in enumerate(meta["clips"])}
         prompt_row = {p: i for i, p in enumerate(meta["prompts"])}
         # group ids -> cache rows
@@ -310,8 +318,22 @@ class DiffusionAdapter(Adapter):
         self._uncond = (text.row(empty, "hidden"), text.row(empty, "mask"))
         return groups
 
-    def _usable_groups(self, issues: list[AudioIssue]) -> list:
+    def _usable_groups(self, issues: list[AudioIssue], digests: dict[str, str]) -> list:
+        """The groups to train on: refuses (or, with skip_invalid, drops) groups with an unusable clip, and groups
+        whose loser is the winner's audio (the same content under another name: a pair that teaches nothing)."""
         groups = self.index.groups
+        clips = self.index.clips
+        same = [g for g in groups if digests.get(clips[g[1][0]].key)
+                and any(digests.get(clips[c].key) == digests.get(clips[g[1][0]].key) for c in g[1][1:])]
+        if same and not self.dcfg.skip_invalid:
+            shown = "; ".join(f"{self.index.prompts[p]!r}: {clips[m[0]].key}" for p, m in same[:3])
+            raise DataError(f"{self.dcfg.path}: {len(same)} group(s) whose rejected audio is the same as the chosen "
+                            f"audio ({shown}{'; ...' if len(same) > 3 else ''}); fix them or set "
+                            "data.skip_invalid=true to drop them")
+        if same:
+            logger.warning("skip_invalid: dropped %d group(s) whose loser equals the winner", len(same))
+            drop = {id(g) for g in same}
+            groups = [g for g in groups if id(g) not in drop]
         if not issues:
             return groups
         report = format_issues(issues, len(self._used_clips()))
@@ -327,14 +349,15 @@ class DiffusionAdapter(Adapter):
     def _used_clips(self) -> list[int]:
         return sorted({c for _, clips in self.index.groups for c in clips})
 
-    def _validate_all(self) -> list[AudioIssue]:
+    def _validate_all(self) -> tuple[list[AudioIssue], dict[str, str]]:
         sr = self.pipe.mel_config.sample_rate
-        out = []
+        out, digests = [], {}
         for c in self._used_clips():
-            _, reason = read_and_check(self.index, c, sr, self.dcfg)
+            wave, reason = read_and_check(self.index, c, sr, self.dcfg)
+            digests[self.index.clips[c].key] = audio_digest(wave)
             if reason:
                 out.append(AudioIssue(self.index.clips[c].key, reason))
-        return out
+        return out, digests
 
     def cache_fingerprint(self) -> str:
         """Changes when anything that determines the cached tensors changes."""
@@ -348,6 +371,7 @@ class DiffusionAdapter(Adapter):
             module_fingerprint(self.pipe.text_encoder),
             _tokenizer_signature(self.pipe.tokenizer),
             "tango-normalize-v1",  # the wave preprocessing (prepare_wave)
+            "digests-v1",  # the cache records each clip's audio digest
         ]
         return hashlib.sha256(repr(parts).encode()).hexdigest()
 
@@ -359,7 +383,7 @@ class DiffusionAdapter(Adapter):
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
         clip_ids = self._used_clips()
         latents = ShardWriter(tmp, "latents", self.mcfg.cache_shard_size)
-        issues = self._encode_clips(clip_ids, latents, num_workers)
+        issues, digests = self._encode_clips(clip_ids, latents, num_workers)
         prompts = sorted({self.index.prompts[p] for p, _ in self.index.groups} | {""})
         text = ShardWriter(tmp, "text", self.mcfg.cache_shard_size)
         for s in range(0, len(prompts), self.mcfg.cache_batch_size):
@@ -370,19 +394,23 @@ class DiffusionAdapter(Adapter):
         text.flush()
         meta = {"fingerprint": fingerprint, "shard_size": self.mcfg.cache_shard_size,
                 "clips": [self.index.clips[c].key for c in clip_ids], "prompts": prompts,
-                "issues": [[i.key, i.reason] for i in issues], "latent_shards": latents.shards,
+                "issues": [[i.key, i.reason] for i in issues], "digests": digests, "latent_shards": latents.shards,
                 "text_shards": text.shards}
         publish_cache(tmp, directory, meta)
 
-    def _encode_clips(self, clip_ids: list[int], writer: ShardWriter, num_workers: int) -> list[AudioIssue]:
+    def _encode_clips(self, clip_ids: list[int], writer: ShardWriter,
+                      num_workers: int) -> tuple[list[AudioIssue], list[str]]:
+        """VAE posteriors of ``clip_ids`` into ``writer``; returns the unusable clips and every clip's digest."""
         reader = DataLoader(_ClipReader(self.index, clip_ids, self.dcfg, self.pipe.mel_config),
                             batch_size=self.mcfg.cache_batch_size, num_workers=num_workers, collate_fn=list)
         issues: list[AudioIssue] = []
+        digests: list[str] = []
         placeholder = torch.zeros(self.clip_latent_shape())
         for items in reader:
-            ok = [w for _, w, _ in items if w is not None]
+            ok = [w for _, w, _, _ in items if w is not None]
             encoded = iter(zip(*self.pipe.encode_audio(torch.stack(ok).to(self.device)))) if ok else iter(())
-            for i, _, reason in items:
+            for i, _, reason, digest in items:
+                digests.append(digest)
                 if reason is None:
                     m, s = next(encoded)
                     placeholder = torch.zeros_like(m)
@@ -391,7 +419,7 @@ class DiffusionAdapter(Adapter):
                     m = s = placeholder
                 writer.add(mean=m[None].float(), std=s[None].float())
         writer.flush()
-        return issues
+        return issues, digests
 
     # ----- batches ----------------------------------------------------------------------------------------------
     def collate(self, rows: list[dict]) -> dict:
@@ -576,8 +604,10 @@ def load_pipeline(mcfg: DiffusionModelConfig, path: str | None = None) -> Any:
     source = path or mcfg.pipeline
     if source in PRESETS:
         return TangoPipeline.from_preset(source, seed=mcfg.preset_seed, tokenizer=mcfg.tokenizer)
-    check_source(source, "model.pipeline", f"a TangoPipeline folder or a preset name ({', '.join(PRESETS)})")
-    return TangoPipeline.from_pretrained(source)
+    key = "reference.path" if path else "model.pipeline"
+    check_source(source, key, f"a TangoPipeline folder or a preset name ({', '.join(PRESETS)})")
+    with loading(key, source, "a TangoPipeline folder"):
+        return TangoPipeline.from_pretrained(source)
 
 
 def _training_scheduler(scheduler: Any, prediction_type: str | None) -> Any:

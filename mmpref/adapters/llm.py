@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmpref.config import TrainConfig, check_source
+from mmpref.config import TrainConfig
 from mmpref.data.llm import LLMDataConfig, load_llm_data
 from mmpref.data.udm import UDMConfig, udm_weights
 from mmpref.losses import Scores, build_loss
+from mmpref.sources import check_source, loading
 
 from .base import Adapter, LossRequirements
 
@@ -131,7 +132,11 @@ class LLMAdapter(Adapter):
             check_source(self.mcfg.tokenizer, "model.tokenizer", "a tokenizer folder or a hub id")
         if cfg.reference.path:
             check_source(cfg.reference.path, "reference.path", "a causal LM folder or a hub id")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.mcfg.tokenizer or self.mcfg.path)
+        tok_key, tok_source = ("model.tokenizer", self.mcfg.tokenizer) if self.mcfg.tokenizer else \
+            ("model.path", self.mcfg.path)
+        with loading(tok_key, tok_source, "a tokenizer (saved with save_pretrained)", "model.trust_remote_code"):
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_source,
+                                                           trust_remote_code=self.mcfg.trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.policy = self._load_policy()
@@ -187,12 +192,15 @@ class LLMAdapter(Adapter):
         dtype = dtype or self.mcfg.torch_dtype
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
-        model = AutoModelForCausalLM.from_pretrained(
-            path or self.mcfg.path,
-            dtype=_DTYPES[dtype],
-            attn_implementation=self.mcfg.attn_implementation,
-            trust_remote_code=self.mcfg.trust_remote_code,
-        )
+        key = "reference.path" if path else "model.path"
+        what = "a causal LM (saved with save_pretrained)"
+        with loading(key, path or self.mcfg.path, what, "model.trust_remote_code"):
+            model = AutoModelForCausalLM.from_pretrained(
+                path or self.mcfg.path,
+                dtype=_DTYPES[dtype],
+                attn_implementation=self.mcfg.attn_implementation,
+                trust_remote_code=self.mcfg.trust_remote_code,
+            )
         if frozen:
             model.eval().requires_grad_(False)
         return model
@@ -225,6 +233,12 @@ class LLMAdapter(Adapter):
     @property
     def eval_dataset(self) -> Any | None:
         return self._eval
+
+    def data_fingerprint(self) -> str:
+        """datasets' fingerprints of the prepared splits: they follow the source files (path and modification time)
+        and every preparation step (tokeniser, lengths, layout)."""
+        parts = [d._fingerprint for d in (self._train, self._eval) if d is not None]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def collate(self, rows: list[dict]) -> dict:
         """Rows -> one right-padded batch: all 1+K completions of each group (row-major), then KL rows."""

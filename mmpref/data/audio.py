@@ -31,10 +31,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmpref.audio import AudioFileError, load_audio, resample, save_audio
-from mmpref.config import check_source
+from mmpref.data.tables import Table, load_table
+from mmpref.errors import DataError, MmprefError
+from mmpref.yaml_config import check
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SCHEMAS = ("auto", "audio_alpaca", "grouped")
+DATASET_HINT = "mmpref.json"  # in a save_to_disk folder: {"audio_root": "<relative to the folder>"}
 
 
 @dataclass
@@ -68,12 +70,10 @@ class AudioPreferenceDataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.schema not in SCHEMAS:
-            raise ValueError(f"data.schema must be one of {list(SCHEMAS)}, got {self.schema!r}")
-        if not self.duration_s > 0:
-            raise ValueError(f"data.duration_s must be > 0, got {self.duration_s!r}")
-        if self.num_losers is not None and self.num_losers < 0:
-            raise ValueError(f"data.num_losers must be None or >= 0, got {self.num_losers!r}")
+        check(self.schema in SCHEMAS, "schema", f"must be one of {list(SCHEMAS)}, got {self.schema!r}")
+        check(self.duration_s > 0, "duration_s", f"must be > 0, got {self.duration_s!r}")
+        check(self.num_losers is None or self.num_losers >= 0, "num_losers", f"must be null or >= 0, got "
+              f"{self.num_losers!r}")
 
 
 def cache_root() -> Path:
@@ -122,24 +122,35 @@ class PreferenceIndex:
 
 
 def load_preference_index(cfg: AudioPreferenceDataConfig) -> PreferenceIndex:
-    """Read the data source and build the group index (no audio is decoded here)."""
-    table, root, source_fp = _load_table(cfg)
+    """Read the data source and build the group index (no audio is decoded here).
+
+    Rows whose loser is the winner's own file are refused (by path here; by content when the clips are read)."""
+    source, root, source_fp = _load_table(cfg)
+    table = source.data
     schema = _detect_schema(table, cfg.schema)
-    builder = _IndexBuilder(table, root)
+    builder = _IndexBuilder(source, root)
     groups: list[tuple[int, list[int]]] = []
     by_pair: dict[tuple[int, int], int] = {}
+    same: list[int] = []
     for row_id, row in enumerate(table):
         prompt = builder.prompt(row["prompt"], row_id)
         winner = builder.clip(row["chosen"], row_id, "chosen", -1)
-        losers = _as_list(row["rejected"]) if schema == "grouped" else [row["rejected"]]
+        losers = _as_list(row["rejected"], source.label(row_id)) if schema == "grouped" else [row["rejected"]]
         item = (lambda j: j) if schema == "grouped" else (lambda j: -1)
         loser_ids = [builder.clip(v, row_id, "rejected", item(j)) for j, v in enumerate(losers)]
+        if winner in loser_ids:
+            same.append(row_id)
+            continue
         if cfg.group_pairs and (prompt, winner) in by_pair:
             groups[by_pair[(prompt, winner)]][1].extend(loser_ids)
             continue
         by_pair[(prompt, winner)] = len(groups)
         groups.append((prompt, [winner, *loser_ids]))
+    if same and not cfg.skip_invalid:
+        raise DataError(f"{cfg.path}: {len(same)} row(s) whose rejected audio is the chosen file itself "
+                        f"({source.labels(same)}); fix them or set data.skip_invalid=true to drop them")
     final, dropped = _fix_group_size(groups, cfg.num_losers, cfg.skip_invalid)
+    dropped["rows_loser_is_winner"] = len(same)
     if cfg.max_groups is not None:
         final = final[: cfg.max_groups]
     fp = _hash([source_fp, schema, cfg.group_pairs, cfg.num_losers, cfg.max_groups, root and str(root)])
@@ -147,8 +158,8 @@ def load_preference_index(cfg: AudioPreferenceDataConfig) -> PreferenceIndex:
 
 
 class _IndexBuilder:
-    def __init__(self, table: Any, root: Path | None):
-        self.table, self.root = table, root
+    def __init__(self, source: Table, root: Path | None):
+        self.source, self.table, self.root = source, source.data, root
         self.prompts: list[str] = []
         self.clips: list[Clip] = []
         self._prompt_ids: dict[str, int] = {}
@@ -156,7 +167,8 @@ class _IndexBuilder:
 
     def prompt(self, text: Any, row: int) -> int:
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"row {row}: 'prompt' must be a non-empty string, got {text!r}")
+            raise DataError(f"{self.source.source}: {self.source.label(row)}: 'prompt' must be a non-empty string, "
+                            f"got {text!r}")
         return _intern(self._prompt_ids, self.prompts, text, text)
 
     def clip(self, cell: Any, row: int, column: str, item: int) -> int:
@@ -170,7 +182,8 @@ class _IndexBuilder:
                         item=item)
         path = cell.get("path") if isinstance(cell, dict) else cell
         if not isinstance(path, str) or not path:
-            raise ValueError(f"row {row}: {column!r} must be an audio path or an Audio dict, got {cell!r}")
+            raise DataError(f"{self.source.source}: {self.source.label(row)}: {column!r} must be an audio path or "
+                            f"an Audio dict, got {cell!r}")
         resolved = Path(path) if Path(path).is_absolute() or self.root is None else self.root / path
         resolved = os.path.normpath(resolved)
         return Clip(key=resolved, path=resolved)
@@ -184,11 +197,14 @@ def _intern(ids: dict[str, int], items: list, key: str, value: Any) -> int:
     return ids[key]
 
 
-def _as_list(value: Any) -> list:
+def _as_list(value: Any, where: str) -> list:
     if isinstance(value, str) and value.lstrip().startswith("["):
-        value = json.loads(value)  # CSV: a JSON-encoded list
+        try:
+            value = json.loads(value)  # CSV: a JSON-encoded list
+        except ValueError as e:
+            raise DataError(f"{where}: 'rejected' is not a valid JSON list ({e})") from None
     if not isinstance(value, list | tuple):
-        raise ValueError(f"grouped schema: 'rejected' must be a list, got {type(value).__name__}")
+        raise DataError(f"{where}: grouped schema: 'rejected' must be a list, got {type(value).__name__}")
     return list(value)
 
 
@@ -218,32 +234,34 @@ def _fix_group_size(groups: list[tuple[int, list[int]]], k: int | None,
     return out, {"groups_too_few_losers": len(short), "losers_left_over": leftover}
 
 
-def _load_table(cfg: AudioPreferenceDataConfig) -> tuple[Any, Path | None, str]:
-    """(datasets.Dataset with audio undecoded, audio root, fingerprint of the source)."""
-    import datasets
-
+def _load_table(cfg: AudioPreferenceDataConfig) -> tuple[Table, Path | None, str]:
+    """(the table with audio undecoded, the audio root, a fingerprint of the source)."""
     src = cfg.path
     if src.startswith("tiny:"):
         src = str(_tiny_source(src))
-    check_source(src, "data.path", "a JSON/JSONL/Parquet/CSV file, a dataset folder, a hub id or tiny:N[:K]")
+    what = "a JSON/JSONL/Parquet/CSV file, a dataset folder, a hub id or tiny:N[:K]"
+    source = load_table(src, cfg.split, key="data.path", what=what)
     path = Path(src)
-    if path.is_file():
-        if path.suffix.lower() not in _BUILDERS:
-            raise ValueError(f"data.path {src!r}: unsupported file type; use one of {sorted(_BUILDERS)}")
-        table = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    if source.file is not None:
         source_fp, default_root = _file_hash(path), path.parent
-    elif path.is_dir():
-        table = datasets.load_dataset(str(path), split=cfg.split)
-        source_fp, default_root = table._fingerprint, path
     else:
-        table = datasets.load_dataset(src, split=cfg.split)  # a hub id
-        source_fp, default_root = table._fingerprint, None
-    table = _undecode_audio(table)
-    missing = [c for c in ("prompt", "chosen", "rejected") if c not in table.column_names]
+        source_fp, default_root = source.data._fingerprint, (_saved_audio_root(path) if path.is_dir() else None)
+    source.data = _undecode_audio(source.data)
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in source.data.column_names]
     if missing:
-        raise ValueError(f"data.path {cfg.path!r}: missing column(s) {missing}; found {table.column_names}")
+        raise DataError(f"data.path {cfg.path!r}: missing column(s) {missing}; found {source.data.column_names}")
     root = Path(cfg.audio_root) if cfg.audio_root else default_root
-    return table, root, source_fp
+    return source, root, source_fp
+
+
+def _saved_audio_root(folder: Path) -> Path:
+    """Audio paths in a folder dataset are relative to it, unless it says otherwise: ``mmpref synth`` writes
+    ``dataset/`` beside the audio and records ``audio_root`` (relative to the dataset folder) in mmpref.json."""
+    try:
+        hint = json.loads((folder / DATASET_HINT).read_text())["audio_root"]
+        return (folder / hint).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder
 
 
 def _undecode_audio(table: Any) -> Any:
@@ -285,23 +303,27 @@ class AudioIssue:
     reason: str
 
 
-class InvalidAudioError(ValueError):
+class InvalidAudioError(MmprefError, ValueError):
     """Raised before training when clips are unusable; ``issues`` lists every one of them."""
 
     def __init__(self, issues: list[AudioIssue], total: int):
         self.issues = issues
-        super().__init__(format_issues(issues, total) + "\nfix or remove them, or set data.skip_invalid=true")
+        super().__init__(format_issues(issues, total, one_line=True) + "; fix or remove them, or set "
+                         "data.skip_invalid=true to drop the groups that use them")
 
 
-def format_issues(issues: list[AudioIssue], total: int) -> str:
+def format_issues(issues: list[AudioIssue], total: int, one_line: bool = False, show: int = 5) -> str:
+    """Counts per kind and the files; ``one_line``: the first ``show`` files only, for an error message."""
     kinds: dict[str, int] = {}
     for i in issues:
         kind = i.reason.split(" (")[0]
         kinds[kind] = kinds.get(kind, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    lines = [f"{len(issues)} of {total} audio files are invalid ({summary}):"]
-    lines += [f"  {i.key}: {i.reason}" for i in issues]
-    return "\n".join(lines)
+    head = f"{len(issues)} of {total} audio files are invalid ({summary})"
+    if one_line:
+        listed = "; ".join(f"{i.key}: {i.reason}" for i in issues[:show])
+        return f"{head}: {listed}" + (f"; ... ({len(issues) - show} more)" if len(issues) > show else "")
+    return "\n".join([head + ":", *(f"  {i.key}: {i.reason}" for i in issues)])
 
 
 def check_clip(wave: np.ndarray, sample_rate: int, cfg: AudioPreferenceDataConfig) -> str | None:
@@ -331,6 +353,11 @@ def read_and_check(index: PreferenceIndex, clip_id: int, sample_rate: int,
         return None, f"corrupt ({str(e.__cause__ or e).splitlines()[0]})"
     reason = check_clip(wave, sample_rate, cfg)
     return (None, reason) if reason else (wave, None)
+
+
+def audio_digest(wave: np.ndarray | None) -> str:
+    """A hash of decoded samples ("" for an unreadable clip): the same audio under two names has the same digest."""
+    return "" if wave is None else hashlib.sha1(np.ascontiguousarray(wave).tobytes()).hexdigest()
 
 
 def fit_length(wave: torch.Tensor, n: int) -> torch.Tensor:
@@ -515,6 +542,7 @@ __all__ = [
     "PreferenceIndex",
     "ShardReader",
     "ShardWriter",
+    "audio_digest",
     "audio_stats_fingerprint",
     "cache_is_valid",
     "check_clip",

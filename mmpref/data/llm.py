@@ -24,13 +24,14 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from mmpref.config import check_source
+from mmpref.data.tables import BUILDERS, Table, load_table
 from mmpref.data.udm import UDMConfig
+from mmpref.errors import DataError
+from mmpref.sources import check_source, looks_local
 
 logger = logging.getLogger(__name__)
 
 SCHEMAS = ("auto", "pairs", "sets", "unpaired", "conversational")
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _SHOW = 5  # offending row numbers quoted per issue
 
 
@@ -55,31 +56,18 @@ class LLMDataConfig:
     udm: UDMConfig | None = None  # unpaired + bco: prompt-distribution matching weights (mmpref.data.udm)
 
 
-class DataValidationError(ValueError):
-    """Invalid preference rows; the message lists counts and the first offending rows per issue."""
+class DataValidationError(DataError):
+    """Invalid preference rows; the message lists counts and the first offending lines per issue."""
 
 
 # ----- loading ------------------------------------------------------------------------------------------------------
-def load_split(path: str, split: str, fmt: str = "auto") -> datasets.Dataset:
-    """One split from a local file / directory or a hub id."""
-    if os.path.isfile(path):
-        builder = _BUILDERS.get(os.path.splitext(path)[1].lower()) if fmt == "auto" else _builder(fmt)
-        if builder is None:
-            raise ValueError(f"data.format: cannot tell the format of {path!r}; set json, jsonl, parquet or csv")
-        return datasets.load_dataset(builder, data_files={"train": path}, split="train")
-    if fmt != "auto" and os.path.isdir(path):
-        return datasets.load_dataset(_builder(fmt), data_dir=path, split=split)
-    return datasets.load_dataset(path, split=split)
+def load_split(path: str, split: str, fmt: str = "auto") -> Table:
+    """One split from a local file / folder (also ``save_to_disk`` folders) or a hub id; see :mod:`.tables`."""
+    return load_table(path, split, fmt)
 
 
-def _builder(fmt: str) -> str:
-    builder = _BUILDERS.get("." + fmt)
-    if builder is None:
-        raise ValueError(f"data.format must be auto, json, jsonl, parquet or csv; got {fmt!r}")
-    return builder
-
-
-def detect_layout(columns: list[str], cfg: LLMDataConfig, first: dict[str, Any] | None) -> tuple[str, bool]:
+def detect_layout(columns: list[str], cfg: LLMDataConfig, first: dict[str, Any] | None,
+                  where: str = "data") -> tuple[str, bool]:
     """(``pairs`` | ``sets`` | ``unpaired``, conversational?) from the columns and first row, or an error."""
     c = cfg
     has = set(columns)
@@ -94,7 +82,7 @@ def detect_layout(columns: list[str], cfg: LLMDataConfig, first: dict[str, Any] 
     missing = [col for col in need if col not in has]
     if missing:
         raise DataValidationError(
-            f"data: missing column(s) {missing} for schema {cfg.schema!r}; the data has {sorted(has)}"
+            f"{where}: missing column(s) {missing} for schema {cfg.schema!r}; the data has {sorted(has)}"
             " (rename them with data.prompt_column / chosen_column / rejected_column / completion_column /"
             " label_column)"
         )
@@ -146,13 +134,11 @@ def row_issues(row: dict[str, Any], layout: str, conversational: bool, cfg: LLMD
     return issues
 
 
-def format_report(issues: dict[str, list[int]], where: str, total: int) -> str:
-    parts = [
-        f"{len(rows)} row(s) with {name} (first rows: {', '.join(map(str, rows[:_SHOW]))})"
-        for name, rows in issues.items()
-    ]
+def format_report(issues: dict[str, list[int]], where: str, table: Table) -> str:
+    """``WHERE: 3 of 40 rows invalid: 2 row(s) with chosen == rejected (line 4, line 9); ...``"""
+    parts = [f"{len(rows)} row(s) with {name} ({table.labels(sorted(rows), _SHOW)})" for name, rows in issues.items()]
     bad = len({r for rows in issues.values() for r in rows})
-    return f"{where}: {bad} of {total} rows invalid: " + "; ".join(parts)
+    return f"{where}: {bad} of {len(table.data)} rows invalid: " + "; ".join(parts)
 
 
 # ----- rendering and tokenisation -----------------------------------------------------------------------------------
@@ -208,7 +194,7 @@ class Tokenize:
 
 # ----- the whole pipeline -------------------------------------------------------------------------------------------
 def prepare_split(
-    raw: datasets.Dataset,
+    table: Table,
     tokenizer: PreTrainedTokenizerBase,
     cfg: LLMDataConfig,
     where: str,
@@ -217,8 +203,9 @@ def prepare_split(
 ) -> datasets.Dataset:
     """Validate and tokenise; ``unpaired`` turns groups into (winner: desirable, losers: undesirable) rows;
     ``with_kl`` adds mismatched KL completions to unpaired rows. See the module docstring."""
+    raw = table.data
     first = raw[0] if len(raw) else None
-    layout, conv = detect_layout(raw.column_names, cfg, first)
+    layout, conv = detect_layout(raw.column_names, cfg, first, where)
     k = None
     if layout == "sets" and isinstance(first[cfg.rejected_column], list):
         k = len(first[cfg.rejected_column])  # every row must have the first row's K
@@ -230,20 +217,23 @@ def prepare_split(
             issues.setdefault(name, []).append(i)
         if not found:
             valid.append(i)
+    if not valid:
+        raise DataValidationError(f"{format_report(issues, where, table)}: no valid row is left; fix the data")
     rows = raw.select(valid).add_column("row", valid)
     tok = rows.map(Tokenize(tokenizer, cfg, layout, conv), remove_columns=raw.column_names, desc="tokenise")
-    too_long = [r for r, n in zip(tok["row"], map(len, tok["prompt_ids"])) if n >= cfg.max_length]
-    if too_long:
-        issues[f"prompt alone >= max_length={cfg.max_length} tokens"] = too_long
+    dropped = _token_level_issues(tok, cfg, layout)
+    issues.update(dropped)
+    report = ""
     if issues:
-        report = format_report(issues, where, len(raw))
+        report = format_report(issues, where, table)
         if not cfg.skip_invalid:
             raise DataValidationError(report + ". Fix the data or set data.skip_invalid=true to drop these rows.")
         logger.warning("%s; skipping them (data.skip_invalid=true)", report)
-        bad = set(too_long)
+        print(f"mmpref: warning: {report}; skipping them (data.skip_invalid=true)")
+        bad = {r for rows in dropped.values() for r in rows}
         tok = tok.filter(lambda r: r not in bad, input_columns="row")
     if not len(tok):
-        raise DataValidationError(f"{where}: no valid rows")
+        raise DataValidationError(f"{where}: none of the {len(raw)} rows is usable ({report})")
     n_trunc = sum(tok["truncated"])
     if n_trunc:
         logger.warning(
@@ -260,6 +250,21 @@ def prepare_split(
     if layout == "unpaired" and with_kl:
         tok = tok.add_column("kl_completion_ids", mismatched_completions(tok, cfg.max_length))
     return tok.map(lambda _, i: {"idx": i}, with_indices=True)
+
+
+def _token_level_issues(tok: datasets.Dataset, cfg: LLMDataConfig, layout: str) -> dict[str, list[int]]:
+    """Rows that only fail once tokenised: a prompt that fills max_length, and a loser that becomes identical to
+    its winner when both are cut to max_length (a zero margin: the pair teaches nothing but Adam noise)."""
+    issues: dict[str, list[int]] = {}
+    too_long = [r for r, n in zip(tok["row"], map(len, tok["prompt_ids"])) if n >= cfg.max_length]
+    if too_long:
+        issues[f"prompt alone >= max_length={cfg.max_length} tokens (raise data.max_length)"] = too_long
+    if layout != "unpaired":
+        same = [r for r, comps in zip(tok["row"], tok["completion_ids"]) if any(c == comps[0] for c in comps[1:])]
+        if same:
+            issues[f"chosen and rejected identical once cut to max_length={cfg.max_length} tokens (raise "
+                   "data.max_length)"] = same
+    return issues
 
 
 def explode_groups(batch: dict[str, list]) -> dict[str, list]:
@@ -293,19 +298,15 @@ def load_llm_data(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """(train, eval or None) prepared datasets for ``cfg``; see :func:`prepare_split` for the flags."""
     if cfg.schema not in SCHEMAS:
-        raise ValueError(f"data.schema must be one of {list(SCHEMAS)}; got {cfg.schema!r}")
-    if not cfg.path:
-        raise ValueError("data.path is required (a local JSON/JSONL/Parquet/CSV file, a directory, or a hub id)")
-    check_source(cfg.path, "data.path", "a JSON/JSONL/Parquet/CSV file, a folder of them, or a hub dataset id")
-    train = prepare_split(
-        load_split(cfg.path, cfg.split, cfg.format), tokenizer, cfg, f"{cfg.path} [{cfg.split}]", unpaired, with_kl
-    )
+        raise DataError(f"data.schema must be one of {list(SCHEMAS)}; got {cfg.schema!r}")
+    train = prepare_split(load_split(cfg.path, cfg.split, cfg.format), tokenizer, cfg, f"{cfg.path} [{cfg.split}]",
+                          unpaired, with_kl)
     if cfg.eval_split:
+        if looks_local(cfg.eval_split) or os.path.splitext(cfg.eval_split)[1].lower() in BUILDERS:
+            check_source(cfg.eval_split, "data.eval_split", "a data file, or the name of a split of data.path")
         path, split = (cfg.eval_split, "train") if os.path.isfile(cfg.eval_split) else (cfg.path, cfg.eval_split)
-        evals = prepare_split(
-            load_split(path, split, cfg.format), tokenizer, cfg, f"{path} [{split}]", unpaired, with_kl
-        )
-        return train, evals
+        table = load_table(path, split, cfg.format, key="data.eval_split")
+        return train, prepare_split(table, tokenizer, cfg, f"{path} [{split}]", unpaired, with_kl)
     if cfg.eval_fraction > 0:
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
         reindex = lambda d: d.map(lambda _, i: {"idx": i}, with_indices=True)
