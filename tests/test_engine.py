@@ -73,12 +73,14 @@ def resume_config(tmp_path: Path, **model) -> dict:
     return toy_config(tmp_path, phases=phases, model={"noise": 0.1, **model}, train=train, optim={"warmup_steps": 2})
 
 
-def test_resume_after_a_crash_reproduces_the_loss_curve(tmp_path: Path):
+def test_resume_after_a_crash_reproduces_the_loss_curve(tmp_path: Path, monkeypatch):
     whole = run(resume_config(tmp_path / "whole"))
 
-    crashed = resume_config(tmp_path / "crash", fail_at_call=9)  # step 5's first micro-batch
+    crashed = resume_config(tmp_path / "crash")
+    monkeypatch.setenv("TOY_FAIL_AT_CALL", "9")  # step 5's first micro-batch
     with pytest.raises(TrainingError, match=r"step 5 \(phase 'bco'\) failed: RuntimeError: simulated crash"):
         run(crashed)
+    monkeypatch.delenv("TOY_FAIL_AT_CALL")
     out = Path(crashed["train"]["output_dir"])
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-00000003"]
     # debris a crash can leave: a half-written temp dir and a directory without the `complete` marker

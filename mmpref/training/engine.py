@@ -1,6 +1,8 @@
 """The training loop: one accelerate loop for every modality and every loss. Read it top to bottom.
 
-adapter = get_adapter_class(cfg.modality)(cfg)      # models + dataset of one modality
+folder = run_folder.inspect(cfg)                    # new, resume or overwrite: decided before anything is written
+adapter = get_adapter_class(cfg.modality)(cfg)      # models + dataset of one modality, validated
+run_folder.commit(...)                              # only now: config.yaml, run.json
 for step in range(start, total):                    # global optimizer steps
     phase = phase_at(plan, step)                    # pure function of the step: same on every process
     for _ in range(grad_accum):                     # micro-batches
@@ -25,21 +27,30 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from mmpref.adapters import get_adapter_class
-from mmpref.config import OptimConfig, TrainConfig, config_to_dict, save_config
+from mmpref.config import OptimConfig, TrainConfig, config_to_dict
+from mmpref.errors import CheckpointError, MmprefError, writing_to
+from mmpref.io import write_text_atomic
 from mmpref.losses import build_loss
+from mmpref.modalities import get_adapter_class
 
-from .checkpoint import load_latest, save_checkpoint
+from . import run_folder
+from .checkpoint import flatten_loss_states, load_checkpoint, newest_intact, save_checkpoint
 from .phases import Phase, phase_at, plan_phases
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MmprefError, RuntimeError):
     """Training stopped (non-finite loss, a failing batch); the message names the step and the phase."""
 
 
@@ -77,8 +88,19 @@ def _forget_earlier_runs() -> None:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    run = cfg.train
-    out = Path(run.output_dir)
+    """Train ``cfg``'s policy with its adapter and its loss (or phases of losses); see the module docstring.
+
+    The run lives in ``cfg.train.output_dir`` (rules: :mod:`mmpref.training.run_folder`): a new run claims an empty
+    folder only after the models and data have loaded and passed their checks; a folder holding the same run is
+    resumed from its newest intact checkpoint, exactly. Returns where the final model and the metrics are.
+    """
+    folder = run_folder.inspect(cfg)  # reads only: a launch that fails below leaves the folder as it was
+    with writing_to(folder.out):
+        return _train(cfg, folder)
+
+
+def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
+    run, out = cfg.train, folder.out
     _forget_earlier_runs()
     accelerator = Accelerator(
         cpu=run.cpu,
@@ -90,14 +112,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         log_with=_trackers(run.report_to),
         project_dir=str(out),
     )
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
 
     # ----- model, data, objectives --------------------------------------------------------------------------------
     set_seed(run.seed)  # identical initial weights on every process
     adapter = get_adapter_class(cfg.modality)(cfg)
+    run_folder.check_data(folder, adapter.data_fingerprint())
     losses = [build_loss(spec) for spec in [p.loss for p in cfg.phases] or [cfg.loss]]  # one per phase
     adapter.setup(accelerator, _union(losses))  # once, for everything any phase needs
+    accelerator.wait_for_everyone()  # every process has inspected the folder before the main process claims it
+    if accelerator.is_main_process:
+        run_folder.commit(folder, cfg, adapter.data_fingerprint())
     loader = DataLoader(
         adapter.train_dataset,  # after setup: it may replace the dataset (e.g. add cached reference columns)
         batch_size=run.batch_size,
@@ -118,10 +142,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         num_training_steps=total,
     )
     # not prepared: accelerate's wrapper steps the schedule num_processes times per step; ours counts optimizer steps
-    accelerator.register_for_checkpointing(scheduler, *losses)  # losses: bco's running reward shift
 
     # ----- resume -------------------------------------------------------------------------------------------------
-    step, ckpt = load_latest(accelerator, out) if run.resume else (0, None)
+    ckpt = _agreed(accelerator, lambda: newest_intact(out)) if folder.mode == "resume" else None
+    step = load_checkpoint(accelerator, ckpt, scheduler, losses) if ckpt else 0
     if ckpt is None:
         set_seed(run.seed, device_specific=True)  # different noise/timesteps per process from here on
     else:
@@ -176,7 +200,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             _log(accelerator, metrics_file, {"step": step, **_evaluate(adapter, policy, loss, eval_loader)})
         if step % run.save_every == 0 or step == total:
             state = {"phase": phase.name, "epoch": step * run.grad_accum // len(loader)}
-            ckpt = save_checkpoint(accelerator, out, step, state, keep=run.keep_checkpoints)
+            ckpt = save_checkpoint(accelerator, out, step, state, keep=run.keep_checkpoints, scheduler=scheduler,
+                                   loss_states=flatten_loss_states(losses))
     bar.close()
 
     final = out / "final"
@@ -185,7 +210,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         _save_final(adapter, accelerator.unwrap_model(policy), final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(step, last, str(out), str(final), str(ckpt) if ckpt else None, str(metrics_file), adapter.policy)
+    return TrainResult(step=step, metrics=last, output_dir=str(out), final_dir=str(final),
+                       checkpoint=str(ckpt) if ckpt else None, metrics_file=str(metrics_file), policy=adapter.policy)
+
+
+def _agreed(accelerator: Accelerator, fn: Any) -> Any:
+    """``fn()`` on the main process, its result (or its error) shared with every process."""
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [("ok", fn())]
+        except MmprefError as e:
+            box = [("error", str(e))]
+    if accelerator.num_processes > 1:
+        box = broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 # ----- pieces of the loop -------------------------------------------------------------------------------------------
@@ -293,11 +335,18 @@ def _save_final(adapter: Any, policy: nn.Module, final: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Keep the lines logged up to ``step``; a partial last line (a kill mid-write) is dropped, not fatal."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def _trackers(report_to: list[str]) -> list[str] | None:

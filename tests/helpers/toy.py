@@ -2,7 +2,8 @@
 
 Small enough for CPU engine tests, but it exercises everything the engine must get right: a frozen reference,
 grouped and unpaired layouts, randomness from the global RNG (``noise``), per-process metrics, and failures
-(``fail_at_call`` simulates a crash, ``nan_at_call`` a diverged model). Every ``scores`` call is recorded in
+(``$TOY_FAIL_AT_CALL`` simulates a crash: an environment variable, so that the resumed run's config equals the
+crashed one's; ``nan_at_call`` a diverged model). Every ``scores`` call is recorded in
 ``<output_dir>/toy-calls-rank<i>.jsonl`` so tests can see what each process did.
 """
 
@@ -27,7 +28,6 @@ from mmpref.losses import Scores
 class ToyModelConfig:
     dim: int = 4
     noise: float = 0.0  # std of Gaussian jitter on the policy scores (global RNG)
-    fail_at_call: int | None = None  # raise RuntimeError on this scores() call (1-based, per process)
     nan_at_call: int | None = None  # policy scores become NaN from this call on (the loss core rejects them)
     inf_at_call: int | None = None  # finite but huge scores from this call on: the DPO loss itself overflows to inf
 
@@ -92,7 +92,7 @@ class ToyAdapter(Adapter):
     def scores(self, policy: nn.Module, batch: dict, loss: Any) -> Scores:
         self.calls += 1
         m = self.cfg.model
-        if m.fail_at_call == self.calls:
+        if os.environ.get("TOY_FAIL_AT_CALL") == str(self.calls):  # 1-based, per process
             raise RuntimeError(f"simulated crash at call {self.calls}")
         x, idx = batch["x"], batch["idx"]
         labels = None
