@@ -1,5 +1,6 @@
 """Atomic file writes (and the JSON-lines reader to match), shared by every job that must never leave half a
-file behind (synth, demo, benchmarks).
+file behind (synth, demo, benchmarks), and owned output folders: a job writes only into a folder that is new,
+empty or already its own, and deletes only what it wrote there.
 
 Each write goes to a unique temp file in the target's folder, then ``os.replace`` swaps it in: readers see the old
 file or the new one, and concurrent writers never share a temp file.
@@ -7,14 +8,20 @@ file or the new one, and concurrent writers never share a temp file.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mmpref.errors import RunFolderError
+
+OWNER_FILE = ".mmpref-owner.json"
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -51,3 +58,55 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+# ----- owned folders ------------------------------------------------------------------------------------------------
+def claim_folder(path: str | os.PathLike, owner: str, option: str,
+                 legacy: Callable[[list[str]], bool] | None = None) -> Path:
+    """Make ``path`` a folder ``owner`` (e.g. "mmpref demo") writes into, or refuse naming ``option``.
+
+    A new or empty folder (hidden files aside) gets an owner file; a folder with ``owner``'s file is taken as it
+    is; a folder whose entries ``legacy`` recognises (written before owner files existed) is adopted; anything
+    else is refused, untouched."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{option}: {path} is a file; give a folder")
+    marker = path / OWNER_FILE
+    if marker.exists():
+        try:
+            found = json.loads(marker.read_text()).get("owner")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found == owner:
+            return path
+        raise RunFolderError(f"{option}: {path} belongs to {found or 'another job'}, not {owner}; give another "
+                             "folder")
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else []
+    if entries and not (legacy and legacy(entries)):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise RunFolderError(f"{option}: {path} is not empty ({shown}) and was not made by {owner}; give a new or "
+                             "empty folder (nothing there is touched)")
+    write_json_atomic(marker, {"owner": owner})
+    return path
+
+
+def remove_owned(path: str | os.PathLike, owner: str, patterns: Sequence[str]) -> list[str]:
+    """Delete the entries of ``owner``'s folder that match ``patterns`` (what the job writes); return the names
+    of the entries left alone. A folder ``owner`` does not own is refused, untouched."""
+    path = Path(path)
+    marker = path / OWNER_FILE
+    try:
+        found = json.loads(marker.read_text()).get("owner")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != owner:
+        raise RunFolderError(f"{path} was not made by {owner} (no {OWNER_FILE} of its own): nothing deleted")
+    kept = []
+    for p in sorted(path.iterdir()):
+        if p.name == OWNER_FILE:
+            continue
+        if any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            kept.append(p.name)
+    return kept

@@ -16,6 +16,7 @@ import mmpref.audio
 import mmpref.synthesis.run as synth_run
 from mmpref.audio import load_audio
 from mmpref.config import ConfigError
+from mmpref.errors import RunFolderError
 from mmpref.synthesis import load_synth_config, run_synthesis
 from mmpref.synthesis.config import synth_config_from_dict
 from mmpref.synthesis.filters import FilterThresholds, filter_decisions
@@ -263,40 +264,49 @@ def test_llm_perturber_from_config(tmp_path):
     assert len(out) == 2 and all(p.strategy == "temporal" for p in out)
 
 
-def loudness(texts: list[str], waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
-    """A plain callable scorer (ignores the text): RMS level."""
-    return np.array([float(np.sqrt(np.mean(np.square(w)))) for w in waves])
+def centroid(texts: list[str], waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
+    """A plain callable scorer (ignores the text): the spectral centroid in kHz. (The tiny random pipeline's RMS
+    level is the same for every clip to 1e-5, so a loudness filter would keep nothing or everything.)"""
+    out = []
+    for w in waves:
+        mag = np.abs(np.fft.rfft(w))
+        out.append(float((np.fft.rfftfreq(len(w), 1 / sample_rate) * mag).sum() / mag.sum() / 1000))
+    return np.array(out)
 
 
 def test_any_callable_is_a_scorer_and_filters_combine(tmp_path, models):
     pipeline, scorers = models
-    cfg = small_cfg(tmp_path / "run", max_captions=4,
-                    scorers={"clap": {"path": "preset:tiny"}, "rms": {"path": "callable", "delta_min": 0.001}})
-    result = run_synthesis(cfg, pipeline, {"clap": scorers["clap"], "rms": loudness})
+    cfg = small_cfg(tmp_path / "run", max_captions=5,
+                    scorers={"clap": {"path": "preset:tiny"}, "cent": {"path": "callable", "delta_min": 0.004}})
+    result = run_synthesis(cfg, pipeline, {"clap": scorers["clap"], "cent": centroid})
     settings = json.loads((result.output_dir / "settings.json").read_text())
-    assert settings["scorers"]["rms"] == {"callable": "loudness"}
-    assert settings["filters"]["rms"]["delta_min"] == 0.001
+    assert settings["scorers"]["cent"] == {"callable": "centroid"}
+    assert settings["filters"]["cent"]["delta_min"] == 0.004
     cands = read_jsonl(result.output_dir / "candidates.jsonl")
     for c in cands:
         wave = load_audio(result.output_dir / c["audio"], 16000)
-        assert c["scores"]["rms"] == pytest.approx(loudness([], [wave], 16000)[0], abs=1e-4)  # 16-bit WAV
-    for p in read_jsonl(result.pairs_jsonl):
-        assert p["chosen_scores"]["rms"] - p["rejected_scores"]["rms"] >= 0.001 - 1e-9
+        assert c["scores"]["cent"] == pytest.approx(centroid([], [wave], 16000)[0], abs=1e-3)  # 16-bit WAV
+    pairs = read_jsonl(result.pairs_jsonl)
+    assert pairs, "the filters must keep some pairs for this test to check anything"
+    for p in pairs:
+        assert p["chosen_scores"]["cent"] - p["rejected_scores"]["cent"] >= 0.004 - 1e-9
         assert p["chosen_scores"]["clap"] > p["rejected_scores"]["clap"]
-    assert set(result.report["acceptance"]["pass_rate_per_filter"]) >= {"rms.delta_min", "clap.alpha", "wins"}
+    rates = result.report["acceptance"]["pass_rate_per_filter"]
+    assert set(rates) >= {"cent.delta_min", "clap.alpha", "wins"}
+    assert 0 < rates["cent.delta_min"] < 1  # the second scorer's filter rejected some pairs and kept others
 
 
 def test_changed_generation_settings_refuse_to_mix(tmp_path, models):
     pipeline, scorers = models
     run_synthesis(small_cfg(tmp_path / "run", max_captions=2), pipeline, scorers)
-    with pytest.raises(ValueError, match=r"different settings \(changed: \['generation'\]\)"):
+    with pytest.raises(RunFolderError, match=r"different settings \(changed: \['generation'\]\)"):
         run_synthesis(small_cfg(tmp_path / "run", max_captions=2, **{"generation.seed": 8}), pipeline, scorers)
     from mmpref.models.tango import TangoPipeline
 
     other = TangoPipeline.from_preset("tiny", seed=1)  # same class, other weights
-    with pytest.raises(ValueError, match=r"changed: \['pipeline'\]"):
+    with pytest.raises(RunFolderError, match=r"changed: \['pipeline'\]"):
         run_synthesis(small_cfg(tmp_path / "run", max_captions=2), other, scorers)
-    with pytest.raises(ValueError, match=r"changed: \['generation'\]"):
+    with pytest.raises(RunFolderError, match=r"changed: \['generation'\]"):
         run_synthesis(small_cfg(tmp_path / "run", max_captions=2, **{"generation.shared_noise": True}), pipeline,
                       scorers)
     # switched off, shared_noise stays out of the fingerprint: runs started before it existed still resume
@@ -344,7 +354,7 @@ def test_config_errors_name_file_and_key(tmp_path):
         load_synth_config(path, ["generation.samples_per_caption=1"])
     bad = tmp_path / "caps.jsonl"
     bad.write_text('{"caption": "a dog barks"}\n{"text": "x"}\n')
-    with pytest.raises(ValueError, match=r"caps.jsonl:2: needs a non-empty string field 'caption'"):
+    with pytest.raises(ValueError, match=r"caps.jsonl: line 2: needs a non-empty string field 'caption'"):
         synth_run.read_captions(bad)
 
 

@@ -8,14 +8,20 @@ Every stage is cached under ``--out`` (default ``demo_out/``); rerunning resumes
 from __future__ import annotations
 
 import argparse
-import shutil
+import fnmatch
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from mmpref.errors import ConfigError
+from mmpref.io import claim_folder, remove_owned
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+OWNER = "mmpref demo"
+# what the audio demo writes at the top of --out (removed by --fresh; anything else there is left alone)
+DEMO_ENTRIES = ("judge", "judge.done.json", "seed[0-9]*", "plots", "report.json", "report.md", ".*.tmp")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="multiply data sizes and training steps")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--config", default=None, help="a demo YAML (default configs/demo.yaml or demo_quick.yaml)")
-    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: delete what an earlier demo wrote in --out (nothing else) instead of resuming")
     return p
 
 
@@ -43,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mmpref demo: --seeds must be >= 1 and --scale > 0", file=sys.stderr)
         return 2
     return run_audio_demo(args)
+
+
+def _written_by_the_demo(entries: list[str]) -> bool:
+    """A folder an earlier demo (before owner files) wrote: only its entries, and the text demo's default folder."""
+    return all(e == "text" or any(fnmatch.fnmatch(e, p) for p in DEMO_ENTRIES) for e in entries)
 
 
 def _without_modality(argv: list[str]) -> list[str]:
@@ -64,29 +76,26 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mmpref.demo.pipeline import run_seed
     from mmpref.demo.report import write_report
-    from mmpref.demo.stages import DemoConfig, StaleStageError, set_threads
+    from mmpref.demo.stages import DemoConfig, set_threads
 
     threads = set_threads()
     config = Path(args.config) if args.config else CONFIG_DIR / ("demo_quick.yaml" if args.quick else "demo.yaml")
-    try:
-        cfg = DemoConfig.load(config).scaled(args.scale) if config.exists() else DemoConfig().scaled(args.scale)
-    except (ValueError, TypeError) as e:
-        print(f"mmpref demo: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not config.is_file():
+        hint = "" if args.config else " (the demo configs ship in the repository's configs/ folder: run from a " \
+                                      "checkout, or give --config)"
+        raise ConfigError(f"--config: {config} does not exist{hint}")
+    cfg = DemoConfig.load(config).scaled(args.scale)
+    out = claim_folder(args.out, OWNER, "--out", legacy=_written_by_the_demo)
+    if args.fresh:
+        kept = remove_owned(out, OWNER, DEMO_ENTRIES)
+        if kept:
+            print(f"mmpref demo: --fresh left {len(kept)} entries it did not write in {out}: {', '.join(kept[:5])}")
     mode = ("quick" if args.quick else "default") + (f", scale {args.scale:g}" if args.scale != 1 else "")
     print(f"mmpref demo ({mode}): config {config}, output {out}/, {threads} torch thread(s)")
     results, timings = {}, {}
     for seed in range(cfg.seed, cfg.seed + args.seeds):
         start = time.perf_counter()
-        try:
-            results[seed] = run_seed(cfg, out, seed)
-        except StaleStageError as e:
-            print(f"mmpref demo: {e}", file=sys.stderr)
-            return 2
+        results[seed] = run_seed(cfg, out, seed)
         timings[f"seed{seed}"] = round(time.perf_counter() - start, 1)
     report = write_report(out, results, asdict(cfg), timings, mode)
     print(f"report: {out / 'report.md'} ({report['claim']})")

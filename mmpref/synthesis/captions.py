@@ -117,6 +117,18 @@ def content_stems(text: str) -> frozenset[str]:
     return frozenset(stem(w) for w in words if w not in STOPWORDS and w not in ARTICLES and w not in PRONOUNS)
 
 
+def soundless_events(parse: CaptionParse) -> list[str]:
+    """Events that name nothing that sounds: only articles, stop words and adverbs ("the the the", "slowly").
+
+    A caption made of such events is not a caption the perturbations can work on: dropping or replacing its
+    "events" writes losers like "The the the and a woman sings"."""
+    return [e.text for e in parse.events if not {w for w in content_stems(e.standalone) if not _adverb(w)}]
+
+
+def _adverb(word: str) -> bool:
+    return len(word) > 4 and word.endswith("ly")  # quickly, gently; not "fly"
+
+
 def parse_caption(caption: str, known_nouns: frozenset[str] | None = None) -> CaptionParse:
     """Split ``caption`` into events and connectors; see the module docstring.
 
@@ -242,5 +254,6 @@ __all__ = [
     "content_stems",
     "parse_caption",
     "render",
+    "soundless_events",
     "stem",
 ]

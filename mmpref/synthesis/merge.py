@@ -10,10 +10,13 @@ largest first; ``grouped.jsonl`` holds the first K of each group with at least K
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from mmpref.data.audio import DATASET_HINT
+from mmpref.errors import DataError
 from mmpref.synthesis.config import SynthConfig
 from mmpref.synthesis.filters import FilterThresholds, filter_decisions, filter_names
 from mmpref.synthesis.report import build_report, write_histogram
@@ -97,23 +100,49 @@ def _pair_rows(group: dict) -> list[dict]:
 
 
 def _save_dataset(rows: list[dict], path: Path) -> None:
-    """``datasets.save_to_disk`` into a temp folder, then swap it in place of the old one."""
+    """``datasets.save_to_disk`` into ``path`` (inside the staging folder), with a note that its audio paths are
+    relative to the run folder above it, so ``mmpref train data.path=<run>/dataset`` finds the clips."""
     import datasets
 
-    table = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
-        {"prompt": [], "chosen": [], "rejected": [], "strategy": []})
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    table.save_to_disk(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    (path / DATASET_HINT).write_text(json.dumps({"audio_root": ".."}))
+
+
+# The merge's outputs, published together: written into STAGING, then moved into place. A kill while moving is
+# completed by the next run (finish_publish), so a reader never finds half of one merge beside half of another.
+OUTPUTS = ("dataset", "grouped.jsonl", "pairs.jsonl", "candidates.jsonl", "settings.json", "scores.png",
+           "report.json")  # report.json last: its presence says the set is complete
+STAGING = ".merge.tmp"
+READY = "READY"
+
+
+def finish_publish(out: Path) -> None:
+    """Complete a publish that a kill interrupted (its staging holds READY), or drop an unfinished staging."""
+    stage = out / STAGING
+    if not stage.exists():
+        return
+    if not (stage / READY).exists():
+        shutil.rmtree(stage)  # the merge itself was interrupted: the published set is still the previous one
+        return
+    for name in OUTPUTS:
+        src, dst = stage / name, out / name
+        if not src.exists():
+            continue  # moved before the interruption
+        if src.is_dir():
+            old = stage / f"old-{name}"
+            if old.exists():
+                shutil.rmtree(old)
+            if dst.exists():
+                os.replace(dst, old)
+        os.replace(src, dst)
+    shutil.rmtree(stage)
 
 
 def merge(cfg: SynthConfig, out: Path, shards: list, settings: dict, scorer_ids: dict, perturber: Any,
           wall_s: float) -> dict:
-    """Write every output of the run from the shards' records (main process only); returns the report."""
+    """Write every output of the run from the shards' records (main process only); returns the report.
+
+    Refuses, writing nothing, when no pair survives the filters."""
     from mmpref.io import write_jsonl_atomic, write_text_atomic
 
     records = read_shard_records(out, shards)
@@ -125,18 +154,28 @@ def merge(cfg: SynthConfig, out: Path, shards: list, settings: dict, scorer_ids:
                 "rejected_scores": r["rejected_scores"][:k]}
                for r in dataset_rows if len(r["rejected"]) >= k]
     pairs = [row for g in groups for row in _pair_rows(g)]
-    _save_dataset(dataset_rows, out / "dataset")
-    write_jsonl_atomic(out / "grouped.jsonl", grouped, sort_keys=True)
-    write_jsonl_atomic(out / "pairs.jsonl", pairs, sort_keys=True)
-    write_jsonl_atomic(out / "candidates.jsonl", records, sort_keys=True)
     thresholds = {n: vars(FilterThresholds.of(s)) for n, s in cfg.scorers.items()}
-    write_text_atomic(out / "settings.json", json.dumps(
+    if not pairs:
+        raise DataError(f"0 pairs survived the filters ({len(records)} candidates; thresholds {thresholds}); "
+                        "nothing was written. Loosen the thresholds in the config (scorers.NAME.alpha / beta / "
+                        "delta_min / delta_max) and run again: the audio is reused")
+    stage = out / STAGING
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    _save_dataset(dataset_rows, stage / "dataset")
+    write_jsonl_atomic(stage / "grouped.jsonl", grouped, sort_keys=True)
+    write_jsonl_atomic(stage / "pairs.jsonl", pairs, sort_keys=True)
+    write_jsonl_atomic(stage / "candidates.jsonl", records, sort_keys=True)
+    write_text_atomic(stage / "settings.json", json.dumps(
         {**settings, "scorers": scorer_ids, "filters": thresholds, "losers_per_prompt": k,
          "config": _plain(cfg)}, indent=1, default=str))
     report = build_report(cfg, out, groups, records, grouped, pairs, filter_names(list(cfg.scorers)), wall_s,
                           getattr(perturber, "rejections", None))
-    write_histogram(groups, list(cfg.scorers), out / "scores.png")
-    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_histogram(groups, list(cfg.scorers), stage / "scores.png")
+    write_text_atomic(stage / "report.json", json.dumps(report, indent=1))
+    (stage / READY).write_text("")
+    finish_publish(out)
     return report
 
 

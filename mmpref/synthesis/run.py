@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmpref.errors import DataError, RunFolderError, SourceError, writing_to
 from mmpref.io import write_jsonl_atomic, write_text_atomic
+from mmpref.sources import check_source
 from mmpref.synthesis.config import SynthConfig, load_synth_config
 from mmpref.synthesis.perturb import PERTURBATION_STRATEGIES, Perturbation, Perturber, RuleBasedPerturber
 
@@ -57,13 +59,21 @@ class SynthResult:
 # ---------------------------------------------------------------------------------------------- inputs
 def read_captions(path: str | os.PathLike) -> list[str]:
     """Captions from a text file (one per line, blank lines skipped) or jsonl (``caption`` field)."""
+    return [c for _, c in read_caption_lines(path)]
+
+
+def read_caption_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(line number, caption)`` pairs of :func:`read_captions` (1-based lines, for error messages)."""
     path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"captions: {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a text "
+                          "file (one caption per line) or a .jsonl file with a 'caption' field")
     try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise FileNotFoundError(f"captions: cannot read {path}: {e}") from None
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"captions: cannot read {path}: {e}") from None
     if path.suffix.lower() != ".jsonl":
-        return [ln.strip() for ln in lines if ln.strip()]
+        return [(n, ln.strip()) for n, ln in enumerate(lines, start=1) if ln.strip()]
     out = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -71,12 +81,23 @@ def read_captions(path: str | os.PathLike) -> list[str]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            raise DataError(f"{path}: line {n}: not valid JSON ({e})") from None
         cap = row.get("caption") if isinstance(row, dict) else None
         if not isinstance(cap, str) or not cap.strip():
-            raise ValueError(f"{path}:{n}: needs a non-empty string field 'caption'")
-        out.append(cap.strip())
+            raise DataError(f"{path}: line {n}: needs a non-empty string field 'caption'")
+        out.append((n, cap.strip()))
     return out
+
+
+def check_captions(path: str | os.PathLike, lines: list[tuple[int, str]], parse_fn) -> None:
+    """Refuse captions that name no sound event: their perturbations would be nonsense ("The the the and ...")."""
+    from mmpref.synthesis.captions import soundless_events
+
+    bad = [(n, c) for n, c in lines if soundless_events(parse_fn(c))]
+    if bad:
+        shown = "; ".join(f"line {n}: {c!r}" for n, c in bad[:3])
+        raise DataError(f"captions {path}: {len(bad)} caption(s) name no sound event ({shown}"
+                        f"{'; ...' if len(bad) > 3 else ''}); fix or remove them")
 
 
 def _hash(obj: Any) -> str:
@@ -250,9 +271,19 @@ def process_shard(cfg: SynthConfig, shard: Shard, captions: list[str], shard_dir
     waves = _generate(pipeline, cfg, cands)
     sr = pipeline.mel_config.sample_rate
     for name, scorer in models.scorers.items():
-        scores = scorer([c["prompt"] for c in cands], [waves[c["id"]] for c in cands], sr)
-        for c, s in zip(cands, np.asarray(scores, dtype=np.float64)):
-            c.setdefault("scores", {})[name] = float(s)
+        scores = np.asarray(scorer([c["prompt"] for c in cands], [waves[c["id"]] for c in cands], sr),
+                            dtype=np.float64).reshape(-1)
+        if scores.shape != (len(cands),):
+            raise DataError(f"scorer {name!r} returned {scores.size} scores for {len(cands)} clips; it must return "
+                            "one number per clip")
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            c = cands[bad[0]]
+            raise DataError(f"scorer {name!r} returned {scores[bad[0]]} for the clip of {c['text']!r} (caption "
+                            f"{c['prompt']!r}; {bad.size} non-finite score(s) in {shard.name}); a scorer must "
+                            "return finite numbers")
+        for c, v in zip(cands, scores):
+            c.setdefault("scores", {})[name] = float(v)
     sizes = {}
     for c in cands:
         rel = f"audio/{c['id']}.{cfg.audio_format}"
@@ -272,20 +303,29 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
                   perturber: Perturber | None = None) -> SynthResult:
     """Run (or resume) a synthesis; see the module docstring. ``pipeline``/``scorers`` given as objects replace
     the config's paths (their identity for the fingerprint is their ``describe()`` / class name)."""
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    with writing_to(out):
+        return _run_synthesis(cfg, out, pipeline, scorers, perturber)
+
+
+def _run_synthesis(cfg: SynthConfig, out: Path, pipeline, scorers, perturber) -> SynthResult:
     from mmpref.scoring import describe_scorer
     from mmpref.scoring.clap import weights_fingerprint
+    from mmpref.synthesis.merge import finish_publish
     from mmpref.synthesis.vocabulary import Vocabulary
 
-    cfg.validate()
     state = _process_state(cfg)
-    out = Path(cfg.output_dir)
-    captions = read_captions(cfg.captions)[: cfg.max_captions]
-    if not captions:
-        raise ValueError(f"captions: {cfg.captions} has no captions")
+    _check_sources(cfg, pipeline, scorers)
+    lines = read_caption_lines(cfg.captions)[: cfg.max_captions]
+    if not lines:
+        raise DataError(f"captions: {cfg.captions} has no captions")
+    captions = [c for _, c in lines]
     if scorers is not None and set(scorers) != set(cfg.scorers):
         raise ValueError(f"scorers given {sorted(scorers)} must match the config's scorers {sorted(cfg.scorers)} "
                          "(the config holds their filter thresholds)")
     vocabulary = Vocabulary.load(cfg.perturb.vocabulary)
+    check_captions(cfg.captions, lines, lambda c: parse_caption_with(vocabulary, c))
     perturber = perturber or _default_perturber(cfg, vocabulary)
     pipeline_id = cfg.pipeline if pipeline is None else f"in-memory {type(pipeline).__name__} " + \
         weights_fingerprint(*pipeline._modules().values())
@@ -296,6 +336,9 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     settings = generation_settings(cfg, pipeline_id, scorer_ids)
     settings["perturber"] = type(perturber).__name__
     shards = plan_shards(captions, cfg.shard_size, _hash(settings))
+    if state.is_main_process:
+        finish_publish(out)  # a merge killed while publishing: complete it (or drop its unfinished staging)
+    state.wait_for_everyone()
     _check_manifest(out, settings, shards, state)
 
     device = cfg.device or str(state.device)
@@ -321,6 +364,16 @@ def run_synthesis(cfg: SynthConfig, pipeline=None, scorers: dict | None = None,
     report = json.loads((out / "report.json").read_text())
     return SynthResult(out, out / "dataset", out / "grouped.jsonl", out / "pairs.jsonl", report,
                        out / "report.json", out / "scores.png")
+
+
+def _check_sources(cfg: SynthConfig, pipeline, scorers) -> None:
+    """Every path the run will load exists, before any audio is generated."""
+    if pipeline is None and not cfg.pipeline.startswith("preset:"):
+        check_source(cfg.pipeline, "pipeline", "a TangoPipeline folder or preset:NAME")
+    if scorers is None:
+        for name, sc in cfg.scorers.items():
+            if not sc.path.startswith("preset:"):
+                check_source(sc.path, f"scorers.{name}.path", "a CLAP checkpoint folder or preset:tiny")
 
 
 @contextmanager
@@ -395,6 +448,13 @@ def _check_manifest(out: Path, settings: dict, shards: list[Shard], state) -> No
     manifest = {"settings": settings, "settings_sha256": _hash(settings),
                 "shards": [asdict(s) for s in shards]}
     path = out / MANIFEST
+    foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"output_dir: {out} is a file; give a folder for the synthesis run")
+    if foreign and not path.exists():
+        raise RunFolderError(f"output_dir: {out} is not empty ({', '.join(sorted(foreign)[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}) and holds no synthesis run; give a new or "
+                             "empty folder (nothing there is touched)")
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -402,8 +462,8 @@ def _check_manifest(out: Path, settings: dict, shards: list[Shard], state) -> No
             old = None
         if old is not None and old.get("settings_sha256") != manifest["settings_sha256"]:
             changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
-            raise ValueError(f"{out} holds a synthesis run with different settings (changed: {changed}); "
-                             "use a new output_dir or delete the old one")
+            raise RunFolderError(f"output_dir: {out} holds a synthesis run with different settings (changed: "
+                                 f"{changed}); use a new output_dir, or move the old one away")
     state.wait_for_everyone()
     if state.is_main_process:
         write_text_atomic(path, json.dumps(manifest, indent=1, default=str))
@@ -413,8 +473,6 @@ def _check_manifest(out: Path, settings: dict, shards: list[Shard], state) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmpref synth CONFIG [key=value ...]``."""
-    from mmpref.config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: mmpref synth CONFIG [key=value ...]\n\n"
@@ -422,12 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "with a Tango pipeline, rank with CLAP, filter. Resumes in output_dir; multi-process:\n"
               "accelerate launch -m mmpref.cli synth CONFIG")
         return 0 if argv else 2
-    try:
-        cfg = load_synth_config(argv[0], argv[1:])
-        result = run_synthesis(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"mmpref synth: {err}", file=sys.stderr)
-        return 1
+    result = run_synthesis(load_synth_config(argv[0], argv[1:]))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     r = result.report

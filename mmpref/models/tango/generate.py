@@ -4,19 +4,26 @@
         [--steps 100] [--guidance 3.0] [--duration 10.0] [--seed 0] [--num-samples 1] [--batch-size N]
 
 Output: ``{index:05d}_{sample}_{slug}.wav`` per clip and ``generations.jsonl`` (prompt, file, seed, settings).
+``--out`` must be new or empty; ``--overwrite`` replaces an earlier generation there (only the files its
+``generations.jsonl`` lists are removed), so a folder never holds clips of two runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import re
 from pathlib import Path
 
 import torch
 
 from mmpref.audio import save_audio
+from mmpref.errors import DataError, RunFolderError, writing_to
+from mmpref.io import write_jsonl_atomic
+from mmpref.sources import check_source, loading
+
+GENERATIONS = "generations.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,26 +32,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line (blank lines skipped)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument("--steps", type=_at_least(1, int), default=100)
+    p.add_argument("--guidance", type=_at_least(0, float), default=3.0)
+    p.add_argument("--duration", type=_positive_seconds, default=10.0, help="seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-samples", type=_at_least(1, int), default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=_at_least(1, int), default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier generation in --out")
     p.add_argument("--progress", action="store_true")
     return p
 
 
+def _at_least(low: float, kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    value = _at_least(0, float)(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
+    prompts = [p.strip() for p in args.prompt]
+    if any(not p for p in prompts):
+        raise DataError("--prompt: an empty prompt; give the text to generate")
     if args.prompts_file:
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise DataError(f"--prompts-file: {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"--prompts-file: {path} is not UTF-8 text ({e.reason}); one prompt per line") from None
         prompts += [line.strip() for line in lines if line.strip()]
+        if not any(line.strip() for line in lines):
+            raise DataError(f"--prompts-file: {path} has no prompts (one per line)")
     if not prompts:
-        raise SystemExit("mmpref generate: give --prompt or --prompts-file")
+        raise DataError("give --prompt TEXT or --prompts-file FILE")
     return prompts
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """A new or empty folder; or, with ``overwrite``, one holding an earlier generation."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out: {out} is a file; give a folder")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    if not entries:
+        return
+    earlier = out / GENERATIONS
+    if not earlier.exists():
+        raise RunFolderError(f"--out: {out} is not empty and holds no earlier generation; give a new or empty folder "
+                             "(nothing there is touched)")
+    if not overwrite:
+        raise RunFolderError(f"--out: {out} holds an earlier generation; add --overwrite to replace it, or give a "
+                             "new folder")
+
+
+def _remove_earlier(out: Path) -> None:
+    """The clips an earlier generation listed in its ``generations.jsonl``, and that file (nothing else)."""
+    earlier = out / GENERATIONS
+    if not earlier.exists():
+        return
+    for line in earlier.read_text(encoding="utf-8").splitlines():
+        try:
+            name = json.loads(line)["file"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if "/" not in name and (out / name).is_file():
+            (out / name).unlink()
+    earlier.unlink()
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -53,21 +123,35 @@ def _slug(text: str, n: int = 40) -> str:
 
 def load_pipeline(model: str, dtype: torch.dtype | None = None):
     from mmpref.models.tango import TangoPipeline
+    from mmpref.models.tango.presets import PRESETS
 
     if model.startswith("preset:"):
-        return TangoPipeline.from_preset(model.split(":", 1)[1])
-    return TangoPipeline.from_pretrained(model, torch_dtype=dtype)
+        name = model.split(":", 1)[1]
+        if name not in PRESETS:
+            raise DataError(f"--model: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return TangoPipeline.from_preset(name)
+    check_source(model, "--model", "a TangoPipeline folder (or preset:NAME)")
+    with loading("--model", model, "a TangoPipeline folder"):
+        return TangoPipeline.from_pretrained(model, torch_dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prompts = _prompts(args)
+    out = Path(args.out)
+    _check_output(out, args.overwrite)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: no CUDA device here; use --device cpu")
     dtype = getattr(torch, args.dtype)
-    pipe = load_pipeline(args.model, dtype).to(args.device, dtype)
+    with writing_to(out):
+        return _generate(args, prompts, out, load_pipeline(args.model, dtype).to(args.device, dtype))
+
+
+def _generate(args: argparse.Namespace, prompts: list[str], out: Path, pipe) -> int:
     waves = pipe(prompts, duration_s=args.duration, num_inference_steps=args.steps, guidance_scale=args.guidance,
                  seed=args.seed, batch_size=args.batch_size, num_samples_per_prompt=args.num_samples,
                  progress=args.progress)
-    out = Path(args.out)
+    _remove_earlier(out)  # only now: a generation that fails leaves the earlier one as it was
     records = []
     for i, wave in enumerate(waves):
         p_idx, s_idx = divmod(i, args.num_samples)
@@ -76,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append({"prompt": prompts[p_idx], "sample": s_idx, "file": name, "seed": args.seed,
                         "steps": args.steps, "guidance": args.guidance, "duration": args.duration,
                         "model": args.model})
-    tmp = out / ".generations.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out / "generations.jsonl")
+    write_jsonl_atomic(out / GENERATIONS, records)
     print(f"wrote {len(records)} clips to {out}")
     return 0
 

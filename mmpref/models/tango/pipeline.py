@@ -267,6 +267,10 @@ class TangoPipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not (math.isfinite(duration_s) and duration_s > 0):
+            raise ValueError(f"duration_s must be > 0 seconds, got {duration_s}")
+        if num_inference_steps < 1 or num_samples_per_prompt < 1:
+            raise ValueError("num_inference_steps and num_samples_per_prompt must be >= 1")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num_samples_per_prompt)]
         gens = _sample_generators(len(prompts), generator, seed)
