@@ -63,6 +63,7 @@ def main() -> None:
             f"data.eval_split={out / 'heldout.jsonl'}",
             f"train.output_dir={out / 'run'}",
             f"train.epochs={args.epochs}",
+            "train.overwrite=true",  # the model and data above are built anew: start the run over too
         ],
     )
     adapter = LLMAdapter(cfg)  # for evaluation: the same held-out rows and the frozen reference
