@@ -1,5 +1,10 @@
-"""The preference-loss core: per-sample scores in, losses, rewards and metrics out. Knows nothing of models."""
+"""The preference-loss core: per-sample scores in, losses, rewards and metrics out. Knows nothing of models.
 
+The formulas, with their papers, are in ``docs/losses.md``. The loss modules below register themselves when this
+package is imported (they import the registry; the registry imports none of them).
+"""
+
+from . import pairwise, pointwise, regularisers  # noqa: F401  (registers the built-in losses)
 from .registry import (
     CombinedLoss,
     LossOutput,

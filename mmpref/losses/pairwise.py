@@ -1,6 +1,6 @@
 """Pairwise preference heads: one loss per (winner, loser) pair, ``(B, K)``, averaged over the K losers.
 
-Rows of the formula sheet (``shared/design/losses.md``, "Pairwise heads"). Notation: ``r = lp - lr``,
+Rows of the table in ``docs/losses.md``. Notation: ``r = lp - lp_ref``,
 ``h = r(y_w) - r(y_l)``, ``ls = log sigma``, ``s = sigma``. Each function returns ``(B, K)`` per-pair losses (the
 registry averages the K pairs) or ``(B,)`` per-group losses, optionally with a dict of extra metrics.
 Everything is built from ``F.logsigmoid`` / ``logsumexp`` so it stays finite for ``|beta * h|`` up to 1e4.

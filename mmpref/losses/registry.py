@@ -70,19 +70,13 @@ def register_loss(name: str, **spec: Any) -> Callable[[Callable], Callable]:
 
 def available_losses() -> list[str]:
     """Names accepted by :func:`get_loss`."""
-    _load_builtin_losses()
     return sorted(_REGISTRY)
 
 
 def loss_spec(name: str) -> LossSpec:
-    _load_builtin_losses()
     if name not in _REGISTRY:
         raise KeyError(f"unknown loss {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
-
-
-def _load_builtin_losses() -> None:
-    from . import pairwise, pointwise, regularisers  # noqa: F401  (registration side effects)
 
 
 def _is_number(v: Any) -> bool:
@@ -165,6 +159,16 @@ class PreferenceLoss:
     @property
     def unpaired(self) -> bool:
         return self.spec.data == "unpaired"
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The registered losses this objective is made of (here: one)."""
+        return (self.name,)
+
+    @property
+    def uses_losers(self) -> bool:
+        """False for an additive term alone (e.g. an SFT phase): only the winners' scores are read."""
+        return not self.spec.additive or self.needs_reference
 
     @property
     def additive(self) -> bool:
@@ -321,6 +325,8 @@ class CombinedLoss:
     needs_lengths = property(lambda self: any(t.needs_lengths for _, t in self.terms))
     needs_kl = property(lambda self: any(t.needs_kl for _, t in self.terms))
     unpaired = property(lambda self: any(t.unpaired for _, t in self.terms))
+    heads = property(lambda self: tuple(t.name for _, t in self.terms))
+    uses_losers = property(lambda self: any(t.uses_losers for _, t in self.terms))
 
     def __repr__(self) -> str:
         return " + ".join(f"{w}*{t!r}" for w, t in self.terms)

@@ -2,7 +2,7 @@
 
 Grouped data (pairs and sets) uses tensors of shape ``(B, 1+K)``: column 0 is the winner, columns ``1..K`` its
 ``K >= 1`` losers. Unpaired data (KTO, BCO) uses shape ``(B,)`` plus a boolean ``labels`` tensor.
-See ``shared/design/losses.md`` (the formula sheet) for the notation used throughout the core.
+See ``docs/losses.md`` for the notation used throughout the core.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class Scores:
 
     Attributes:
         policy: ``lp``, the policy's score; ``(B, 1+K)`` grouped or ``(B,)`` unpaired. Gradients flow through it.
-        reference: ``lr``, the frozen reference's score, same shape; ``None`` for reference-free losses.
+        reference: ``lp_ref``, the frozen reference's score, same shape; ``None`` for reference-free losses.
         lengths: ``n(y)``, completion token counts, same shape; needed by length-normalised losses.
         labels: unpaired only, ``(B,)`` bool, True for desirable rows.
         kl_policy, kl_reference: ``(M,)`` scores of extra completions used only for KL estimates: KTO's mismatched
@@ -84,7 +84,7 @@ class ScoreView:
         return self._cast(self.scores.policy)
 
     @cached_property
-    def lr(self) -> Tensor:
+    def lp_ref(self) -> Tensor:
         if self.scores.reference is None:
             raise ValueError("this loss needs reference scores: `Scores.reference` is None")
         return self._cast(self.scores.reference, detach=True)
@@ -132,8 +132,8 @@ class ScoreView:
     # ----- derived quantities -------------------------------------------------------------------------------------
     @cached_property
     def ratio(self) -> Tensor:
-        """``r(y) = lp(y) - lr(y)``."""
-        return self.lp - self.lr
+        """``r(y) = lp(y) - lp_ref(y)``."""
+        return self.lp - self.lp_ref
 
     @cached_property
     def mean_lp(self) -> Tensor:
