@@ -185,9 +185,9 @@ def build_assets(work: Path, s: Settings) -> dict[str, Any]:
     """Per preset: a saved pipeline (random weights) and a preference set of 10 s tones (1 winner + K losers)."""
     import torch
 
-    from mmpref.data.audio import make_tiny_preference_set
     from mmpref.models.tango import TangoPipeline, presets
     from mmpref.models.tango.tokenizer import build_tiny_tokenizer
+    from mmpref.toy.tones import make_tiny_preference_set
 
     groups = max(s.batch_size[p] * s.steps[p] for p in s.presets)
     data = make_tiny_preference_set(work / "data", n=groups, k=s.num_losers, duration_s=s.duration_s)

@@ -99,7 +99,7 @@ def build_assets(work: Path, s: Settings) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
-    from mmpref.models.tiny import tiny_llama_config, train_tokenizer
+    from mmpref.toy.llm import tiny_llama_config, train_tokenizer
 
     rng = random.Random(s.seed)
     lexicon = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(3000)]

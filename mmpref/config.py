@@ -175,22 +175,45 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overridden:
     return cfg
 
 
-def _check_objective(cfg: TrainConfig, at: typing.Callable[[str], str]) -> None:
-    """Exactly one of ``loss`` / ``phases``; every loss spec builds; only the last phase may be open-ended."""
+@dataclass(frozen=True)
+class Objective:
+    """One phase's loss, built from the config: what the adapter must serve while that phase runs.
+
+    ``loss`` is a :class:`mmpref.losses.CombinedLoss` (``needs_reference``, ``needs_lengths``, ``needs_kl``,
+    ``unpaired``, ``uses_losers``, ``heads``); ``key`` says where it is in the config, for error messages.
+    """
+
+    phase: str  # the phase's name ("train" for a single `loss:`)
+    key: str  # "loss" or "phases.<i>.loss"
+    loss: Any
+
+    @property
+    def label(self) -> str:
+        """``phases.1.loss (phase 'dpo', loss 'kto')``: how errors name it."""
+        return f"{self.key} (phase {self.phase!r}, loss {self.loss.name!r})"
+
+
+def build_objectives(cfg: TrainConfig, at: typing.Callable[[str], str] = lambda key: key) -> list[Objective]:
+    """The run's objectives, one per phase (one named ``train`` for a single ``loss``); the only place they are
+    built. Errors are :class:`ConfigError` naming the key (``at`` adds the file)."""
     from mmpref.losses import build_loss
 
     if (cfg.loss is None) == (not cfg.phases):
         raise ConfigError(f"{at('loss')}: give exactly one of `loss` (one objective) or `phases` (a recipe)")
-    specs = (
-        [("loss", cfg.loss)]
-        if cfg.loss is not None
-        else [(f"phases.{i}.loss", p.loss) for i, p in enumerate(cfg.phases)]
-    )
-    for key, spec in specs:
+    specs = ([("train", "loss", cfg.loss)] if cfg.loss is not None
+             else [(p.name, f"phases.{i}.loss", p.loss) for i, p in enumerate(cfg.phases)])
+    out = []
+    for phase, key, spec in specs:
         try:
-            build_loss(spec)
+            out.append(Objective(phase, key, build_loss(spec)))
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{at(key)}: {e.args[0] if e.args else e}") from None
+    return out
+
+
+def _check_objective(cfg: TrainConfig, at: typing.Callable[[str], str]) -> None:
+    """Every loss spec builds (:func:`build_objectives`); only the last phase may be open-ended."""
+    build_objectives(cfg, at)
     for i, p in enumerate(cfg.phases[:-1]):
         if p.epochs is None and p.max_steps is None:
             raise ConfigError(f"{at(f'phases.{i}')}: only the last phase may omit `epochs`/`max_steps`")

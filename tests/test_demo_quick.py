@@ -13,9 +13,11 @@ from helpers.fakes import FakeAccelerator
 
 from mmpref.adapters.diffusion import DiffusionAdapter, DiffusionModelConfig
 from mmpref.config import ReferenceConfig, TrainConfig
-from mmpref.data.audio import AudioPreferenceDataConfig, load_preference_index, make_tiny_preference_set
-from mmpref.demo.report import bootstrap_ci, per_caption, summarise_eval
+from mmpref.data.audio import AudioPreferenceDataConfig, load_preference_index
+from mmpref.demo.report import per_caption, summarise_eval
 from mmpref.losses import build_loss
+from mmpref.stats import bootstrap_ci
+from mmpref.toy.tones import make_tiny_preference_set
 
 
 def _winner_only_set(root: Path) -> Path:
@@ -44,10 +46,10 @@ def test_sft_on_winner_only_data_is_half_the_winner_mse_and_dpo_is_refused(tmp_p
     cfg = TrainConfig(modality="diffusion", model=DiffusionModelConfig(),
                       data=AudioPreferenceDataConfig(path=str(path), schema="grouped", num_losers=0, duration_s=1.0,
                                                      cache_dir=str(tmp_path / "cache")),
-                      reference=ReferenceConfig(mode="none"))
+                      reference=ReferenceConfig(mode="none"), loss={"sft": 1.0})
     adapter = DiffusionAdapter(cfg)
     sft = build_loss({"sft": 1.0})
-    adapter.setup(FakeAccelerator(), sft)
+    adapter.setup(FakeAccelerator())
     batch = adapter.collate([adapter.train_dataset[i] for i in range(3)])
     assert batch["mean"].shape[1] == 1
     adapter.generator = torch.Generator().manual_seed(0)
@@ -55,8 +57,13 @@ def test_sft_on_winner_only_data_is_half_the_winner_mse_and_dpo_is_refused(tmp_p
     mse = adapter.step_metrics()["diffusion/mse_policy_chosen"]
     assert scores.policy.shape == (3, 1)
     assert sft(scores).loss.item() == pytest.approx(0.5 * mse, rel=1e-5)
-    with pytest.raises(ValueError, match="winners only"):
-        adapter.scores(adapter.policy, batch, build_loss({"simpo": {}}))
+    from mmpref.config import PhaseConfig
+
+    cfg.loss, cfg.phases = None, [PhaseConfig("sft", {"sft": 1.0}, epochs=1), PhaseConfig("dpo", "dpo")]
+    cfg.reference = ReferenceConfig(mode="copy")
+    with pytest.raises(ValueError, match=r"phases.1.loss \(phase 'dpo', loss 'dpo'\) compares winners with losers, "
+                                         r"but the data has winners only"):
+        DiffusionAdapter(cfg)  # refused when built, not at the first step of the second phase
 
 
 def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():

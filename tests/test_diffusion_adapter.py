@@ -16,8 +16,9 @@ from helpers.fakes import FakeAccelerator
 from mmpref.adapters.diffusion import DiffusionAdapter, DiffusionModelConfig, prepare_wave
 from mmpref.audio import save_audio
 from mmpref.config import LoraConfig, ReferenceConfig, TrainConfig
-from mmpref.data.audio import AudioPreferenceDataConfig, InvalidAudioError, make_tiny_preference_set
+from mmpref.data.audio import AudioPreferenceDataConfig, InvalidAudioError
 from mmpref.losses import build_loss
+from mmpref.toy.tones import make_tiny_preference_set
 
 K = 3
 
@@ -33,17 +34,18 @@ def sets(tmp_path_factory) -> dict[str, Path]:
 
 
 def make(data: Path, cache_dir: Path | None, *, ref: str = "copy", lora: bool = False, setup: bool = True,
-         **model) -> DiffusionAdapter:
+         loss: object = None, **model) -> DiffusionAdapter:
     cfg = TrainConfig(
         modality="diffusion",
         model=DiffusionModelConfig(**{"cache": cache_dir is not None, **model}),
         data=AudioPreferenceDataConfig(path=str(data), duration_s=1.0, cache_dir=str(cache_dir or "")),
         reference=ReferenceConfig(mode=ref),
         lora=LoraConfig(enabled=lora),
+        loss=loss or {"dpo": {"beta": 2000}},
     )
     adapter = DiffusionAdapter(cfg)
     if setup:
-        adapter.setup(FakeAccelerator(), build_loss({"dpo": {"beta": 2000}}))
+        adapter.setup(FakeAccelerator())
     return adapter
 
 
@@ -309,7 +311,7 @@ def test_cache_reused_then_invalidated_by_any_input(sets, tmp_path, monkeypatch)
         if change:
             change(adapter)
         n = len(built)
-        adapter.setup(FakeAccelerator(), build_loss("dpo"))
+        adapter.setup(FakeAccelerator())
         return len(built) - n
 
     assert setup_with() == 1
@@ -383,14 +385,29 @@ def test_bf16_reference_and_none(sets, tmp_path):
     adapter.cfg.reference.dtype = "bfloat16"
     ref = adapter._build_reference()
     assert next(ref.parameters()).dtype == torch.bfloat16
-    none = make(sets["pairs"], tmp_path / "c", ref="none")
+    with pytest.raises(ValueError, match=r"reference.mode=none, but loss \(phase 'train', loss 'dpo'\) needs a "
+                                         r"reference model"):
+        make(sets["pairs"], tmp_path / "c", ref="none")  # refused before any model is built
+    none = make(sets["pairs"], tmp_path / "c", ref="none", loss="slic")
     assert none.reference is None
-    with pytest.raises(ValueError, match="reference.mode=none"):
-        run_scores(none, batch_of(none, 2))
-    scores, _ = run_scores(none, batch_of(none, 2), loss=build_loss("simpo"))
+    scores, _ = run_scores(none, batch_of(none, 2), loss=build_loss("slic"))
     assert scores.reference is None
-    with pytest.raises(ValueError, match="cached is not available"):
+    with pytest.raises(ValueError, match="cached: not available for diffusion"):
         make(sets["pairs"], tmp_path / "c", ref="cached", setup=False)
+    # no phase needs a reference: nothing is copied, whatever reference.mode says
+    assert make(sets["pairs"], tmp_path / "c", ref="copy", loss="slic", setup=False).reference is None
+
+
+@pytest.mark.parametrize("loss, why", [("kto", "unpaired"), ({"slic": 1.0, "kl": 0.1}, "KL samples"),
+                                       ("simpo", "completion lengths")])
+def test_objectives_the_adapter_cannot_serve_are_refused_when_it_is_built(sets, tmp_path, loss, why):
+    from mmpref.config import PhaseConfig
+
+    cfg = make(sets["pairs"], tmp_path / "c", setup=False).cfg
+    cfg.loss, cfg.phases = None, [PhaseConfig("sft", {"sft": 1.0}, epochs=1), PhaseConfig("second", loss)]
+    with pytest.raises(ValueError, match=rf"phases.1.loss \(phase 'second', loss .*\): the diffusion adapter cannot "
+                                         rf"serve it: .*{why}"):
+        DiffusionAdapter(cfg)
 
 
 def test_save_pretrained_full_pipeline(grouped, tmp_path):
@@ -430,6 +447,6 @@ def test_bad_audio_reported_with_paths(tmp_path, cached):
     adapter = make(path, cache)if False else None  # noqa: F841
     cfg_skip = make(path, cache, setup=False)
     cfg_skip.dcfg.skip_invalid = True
-    cfg_skip.setup(FakeAccelerator(), build_loss("dpo"))
+    cfg_skip.setup(FakeAccelerator())
     assert len(cfg_skip.train_dataset) == 2
     batch_of(cfg_skip, 2)

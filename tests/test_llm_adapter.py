@@ -14,7 +14,7 @@ from mmpref.adapters.llm import LLMAdapter, LLMModelConfig
 from mmpref.config import LoraConfig, ReferenceConfig, RunConfig, TrainConfig
 from mmpref.data.llm import LLMDataConfig
 from mmpref.losses import available_losses, build_loss, loss_spec
-from mmpref.models.tiny import build_tiny_llama, synthetic_preferences
+from mmpref.toy.llm import build_tiny_llama, synthetic_preferences
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_every_loss_trains_one_step(assets, name):
     data, loss_cfg = _loss_data(name)
     adapter = LLMAdapter(make_cfg(assets, data=data, loss=loss_cfg))
     loss = build_loss(loss_cfg)
-    adapter.setup(Accelerator(cpu=True), loss)
+    adapter.setup(Accelerator(cpu=True))
     opt = torch.optim.AdamW([p for p in adapter.policy.parameters() if p.requires_grad], lr=1e-2)
     before = [p.detach().clone() for p in adapter.policy.parameters()]
     out = loss(adapter.scores(adapter.policy, first_batch(adapter), loss))
@@ -130,7 +130,7 @@ def test_lora_and_cached_reference_match_separate_copy(assets, loss_name, tmp_pa
         torch.manual_seed(0)  # the same LoRA initialisation in every mode
         adapter = LLMAdapter(cfg)
         loss = build_loss(loss_name)
-        adapter.setup(Accelerator(cpu=True), loss)
+        adapter.setup(Accelerator(cpu=True))
         _perturb_lora(adapter.policy)  # the policy now differs from its reference
         results[mode] = loss(adapter.scores(adapter.policy, first_batch(adapter), loss))
     for mode in ("lora", "cached"):
@@ -142,11 +142,11 @@ def test_cached_reference_reused_without_reference_forward(assets, tmp_path, mon
     cfg = make_cfg(assets, mode="cached")
     cfg.reference.cache_dir = str(tmp_path)
     first = LLMAdapter(cfg)
-    first.setup(Accelerator(cpu=True), build_loss("dpo"))
+    first.setup(Accelerator(cpu=True))
     assert len(list(tmp_path.glob("train-*.safetensors"))) == 1
     second = LLMAdapter(cfg)
     monkeypatch.setattr(second, "_reference_pass", lambda *a: pytest.fail("cache should have been reused"))
-    second.setup(Accelerator(cpu=True), build_loss("dpo"))
+    second.setup(Accelerator(cpu=True))
     calls = []
     real = second.forward_logps
     monkeypatch.setattr(second, "forward_logps", lambda m, b: calls.append(1) or real(m, b))
@@ -155,7 +155,7 @@ def test_cached_reference_reused_without_reference_forward(assets, tmp_path, mon
     torch.testing.assert_close(scores.reference, scores.policy.detach())  # untrained policy == reference
     cfg.data.max_length = 30  # tokenisation settings are part of the key
     third = LLMAdapter(cfg)
-    third.setup(Accelerator(cpu=True), build_loss("dpo"))
+    third.setup(Accelerator(cpu=True))
     assert len(list(tmp_path.glob("train-*.safetensors"))) == 2
 
 

@@ -44,9 +44,11 @@ def cli_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models():
     from mmpref.models.tango import TangoPipeline
-    from mmpref.scoring import tiny_clap_scorer
+    from mmpref.synthesis.vocabulary import DEFAULT_VOCABULARY
+    from mmpref.toy.clap import tiny_clap_scorer
 
-    return TangoPipeline.from_preset("tiny"), {"clap": tiny_clap_scorer(0)}
+    texts = [p for phrases in DEFAULT_VOCABULARY.values() for p in phrases]  # as `preset:tiny` in a config
+    return TangoPipeline.from_preset("tiny"), {"clap": tiny_clap_scorer(0, texts)}
 
 
 def small_cfg(out: Path, **over):
@@ -250,9 +252,9 @@ def test_k_losers_per_group_from_the_same_shards(tmp_path, models, monkeypatch):
 
 
 def test_llm_perturber_from_config(tmp_path):
-    from mmpref.models.tiny import build_tiny_llama
     from mmpref.synthesis.perturb import LLMPerturber
     from mmpref.synthesis.vocabulary import Vocabulary
+    from mmpref.toy.llm import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "llm", ["a dog barks then a man speaks"] * 20, vocab_size=300)
     cfg = small_cfg(tmp_path / "out", **{"perturb.llm": {"path": str(path), "max_new_tokens": 8,
@@ -371,7 +373,6 @@ def test_real_config_is_valid():
 def test_output_loads_in_the_diffusion_adapter_unchanged(cli_run, tmp_path, name, schema):
     from mmpref.adapters.diffusion import DiffusionAdapter
     from mmpref.config import config_from_dict
-    from mmpref.losses import build_loss
 
     cfg = config_from_dict({
         "modality": "diffusion", "model": {"pipeline": "tiny"}, "loss": {"dpo": {"beta": 2000}},
@@ -379,7 +380,7 @@ def test_output_loads_in_the_diffusion_adapter_unchanged(cli_run, tmp_path, name
                  "cache_dir": str(tmp_path / "cache")},
     })
     adapter = DiffusionAdapter(cfg)
-    adapter.setup(FakeAccelerator(), build_loss({"dpo": {"beta": 2000}}))
+    adapter.setup(FakeAccelerator())
     rows = read_jsonl(cli_run / name)
     assert len(adapter.train_dataset) == len(rows)
     batch = adapter.collate([adapter.train_dataset[i] for i in range(min(2, len(rows)))])

@@ -16,7 +16,7 @@ from mmpref.config import ReferenceConfig, RunConfig, TrainConfig
 from mmpref.data.llm import LLMDataConfig
 from mmpref.data.udm import UDMConfig, density_ratio_weights, fit_desirable_classifier
 from mmpref.losses import build_loss
-from mmpref.models.tiny import build_tiny_llama, synthetic_preferences
+from mmpref.toy.llm import build_tiny_llama, synthetic_preferences
 
 
 def test_weights_recover_the_true_density_ratio():
@@ -79,7 +79,7 @@ def test_adapter_weights_reach_the_bco_loss(assets):
     assert weights[~labels & ~omega].mean() > 1.5 * weights[~labels & omega].mean()
 
     loss = build_loss("bco")
-    adapter.setup(Accelerator(cpu=True), loss)
+    adapter.setup(Accelerator(cpu=True))
     rows = [ds[i] for i in range(8)]
     batch = adapter.collate(rows)
     scores = adapter.scores(adapter.policy, batch, loss)

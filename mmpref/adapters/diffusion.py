@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmpref.adapters.base import Adapter, LossRequirements
 from mmpref.audio import normalize_wave, samples_for
+from mmpref.config import Objective, TrainConfig
 from mmpref.data.audio import (
     AudioIssue,
     AudioPreferenceDataConfig,
@@ -48,11 +49,12 @@ from mmpref.data.audio import (
     fit_length,
     format_issues,
     load_preference_index,
-    publish_cache,
     read_and_check,
     read_cache_meta,
+    write_cache_meta,
 )
-from mmpref.errors import DataError
+from mmpref.errors import ConfigError, DataError
+from mmpref.io import atomic_dir
 from mmpref.losses import Scores
 from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels, check_backends
 from mmpref.sources import check_source, loading
@@ -143,7 +145,7 @@ class _TrainSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.inner is None:
-            raise RuntimeError("the diffusion training set is filled by adapter.setup(accelerator, loss)")
+            raise RuntimeError("the diffusion training set is filled by adapter.setup(accelerator)")
         return self.inner[i]
 
 
@@ -208,17 +210,24 @@ class DiffusionAdapter(Adapter):
     name = "diffusion"
     model_config_class = DiffusionModelConfig
     data_config_class = AudioPreferenceDataConfig
+    unsupported_reference_modes = {"cached": "not available for diffusion: reference errors depend on each step's "
+                                             "noise and timestep; use copy or lora"}
 
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, objectives: Sequence[Objective] | None = None):
+        super().__init__(cfg, objectives)  # checks the objectives, resolves the reference mode
         self.mcfg: DiffusionModelConfig = cfg.model
         self.dcfg: AudioPreferenceDataConfig = cfg.data
+        self.index = load_preference_index(self.dcfg)
+        if self.index.num_losers == 0:
+            needs = next((o for o in self.objectives if o.loss.uses_losers), None)
+            if needs is not None:
+                raise ConfigError(f"{needs.label} compares winners with losers, but the data has winners only "
+                                  "(data.num_losers=0 or rejected: []); use a winner-only objective such as sft, "
+                                  "or data with losers")
         self.pipe = load_pipeline(self.mcfg)
         self.scheduler = _training_scheduler(self.pipe.scheduler, self.mcfg.prediction_type)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
-        self.index = load_preference_index(self.dcfg)
-        self.ref_mode = cfg.reference.mode
         self.reference = self._build_reference()
         self.policy = self._build_policy()
         self.device = torch.device("cpu")
@@ -230,15 +239,19 @@ class DiffusionAdapter(Adapter):
         self._wave_latent_shape: tuple[int, ...] | None = None
 
     # ----- models -----------------------------------------------------------------------------------------------
+    def cannot_serve(self, loss: LossRequirements) -> str | None:
+        if loss.unpaired:
+            return "it is unpaired (desirable / undesirable rows); the diffusion adapter serves winner/loser groups"
+        if loss.needs_kl:
+            return "it needs KL samples from the policy (the kl term), which the diffusion adapter does not draw"
+        if loss.needs_lengths:
+            return "it needs completion lengths (token counts), which diffusion scores do not have"
+        return None
+
     def _build_reference(self) -> nn.Module | None:
-        mode, rcfg = self.ref_mode, self.cfg.reference
-        if mode == "cached":
-            raise ValueError("reference.mode=cached is not available for diffusion: reference errors depend on "
-                             "each step's noise and timestep; use copy, lora or none")
-        if mode == "lora" and not self.cfg.lora.enabled:
-            raise ValueError("reference.mode=lora needs lora.enabled=true (the reference is the policy with "
-                             "its LoRA adapter disabled)")
-        if mode != "copy":
+        """A frozen copy of the UNet (``copy``), or None: ``lora`` disables the adapter, ``none`` needs nothing."""
+        rcfg = self.cfg.reference
+        if self.ref_mode != "copy":
             return None
         ref = load_pipeline(self.mcfg, rcfg.path).unet if rcfg.path else copy.deepcopy(self.pipe.unet)
         dtype = _dtype(rcfg.dtype) or ref.dtype
@@ -267,7 +280,7 @@ class DiffusionAdapter(Adapter):
         """The preference file's contents and the grouping (not the audio files: those are checked by the cache)."""
         return self.index.fingerprint
 
-    def setup(self, accelerator: Any, loss: LossRequirements | None = None) -> None:
+    def setup(self, accelerator: Any) -> None:
         self.device = accelerator.device
         self.pipe.text_encoder.to(self.device)
         self.pipe.vae.to(self.device)
@@ -378,25 +391,22 @@ class DiffusionAdapter(Adapter):
     @torch.no_grad()
     def build_cache(self, directory: Path, fingerprint: str, num_workers: int = 0) -> None:
         """Encode every used clip (VAE posterior) and prompt (T5, plus the empty prompt) into ``directory``."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-        clip_ids = self._used_clips()
-        latents = ShardWriter(tmp, "latents", self.mcfg.cache_shard_size)
-        issues, digests = self._encode_clips(clip_ids, latents, num_workers)
-        prompts = sorted({self.index.prompts[p] for p, _ in self.index.groups} | {""})
-        text = ShardWriter(tmp, "text", self.mcfg.cache_shard_size)
-        for s in range(0, len(prompts), self.mcfg.cache_batch_size):
-            hidden, mask = self.pipe.encode_text(prompts[s: s + self.mcfg.cache_batch_size])
-            for h, m in zip(hidden, mask):
-                n = int(m.sum())
-                text.add(hidden=h[None, :n].float(), mask=m[None, :n])
-        text.flush()
-        meta = {"fingerprint": fingerprint, "shard_size": self.mcfg.cache_shard_size,
-                "clips": [self.index.clips[c].key for c in clip_ids], "prompts": prompts,
-                "issues": [[i.key, i.reason] for i in issues], "digests": digests, "latent_shards": latents.shards,
-                "text_shards": text.shards}
-        publish_cache(tmp, directory, meta)
+        with atomic_dir(directory) as tmp:  # complete or absent: a killed build is rebuilt, never half-read
+            clip_ids = self._used_clips()
+            latents = ShardWriter(tmp, "latents", self.mcfg.cache_shard_size)
+            issues, digests = self._encode_clips(clip_ids, latents, num_workers)
+            prompts = sorted({self.index.prompts[p] for p, _ in self.index.groups} | {""})
+            text = ShardWriter(tmp, "text", self.mcfg.cache_shard_size)
+            for s in range(0, len(prompts), self.mcfg.cache_batch_size):
+                hidden, mask = self.pipe.encode_text(prompts[s: s + self.mcfg.cache_batch_size])
+                for h, m in zip(hidden, mask):
+                    n = int(m.sum())
+                    text.add(hidden=h[None, :n].float(), mask=m[None, :n])
+            text.flush()
+            write_cache_meta(tmp, {"fingerprint": fingerprint, "shard_size": self.mcfg.cache_shard_size,
+                                   "clips": [self.index.clips[c].key for c in clip_ids], "prompts": prompts,
+                                   "issues": [[i.key, i.reason] for i in issues], "digests": digests,
+                                   "latent_shards": latents.shards, "text_shards": text.shards})
 
     def _encode_clips(self, clip_ids: list[int], writer: ShardWriter,
                       num_workers: int) -> tuple[list[AudioIssue], list[str]]:
@@ -431,20 +441,11 @@ class DiffusionAdapter(Adapter):
 
     # ----- scores -----------------------------------------------------------------------------------------------
     def scores(self, policy: nn.Module, batch: dict, loss: LossRequirements) -> Scores:
-        if loss.needs_kl:
-            raise ValueError("the diffusion adapter does not sample from the policy: losses needing KL samples "
-                             "(kl, kto's mismatched pairs) are not supported")
-        if loss.unpaired:
-            raise ValueError("the diffusion adapter serves grouped (winner/loser) data; unpaired losses need "
-                             "a labelled audio set")
+        """``lp = -1/2 w(t) mse`` of every group member ``(B, 1+K)`` (the winners alone, ``(B, 1)``, when ``loss``
+        does not read the losers), and the reference's when ``loss`` needs it; one timestep, noise and condition
+        per group. What the adapter cannot serve was refused when it was built (:meth:`cannot_serve`)."""
         need_ref = loss.needs_reference
-        if need_ref and self.ref_mode == "none":
-            raise ValueError(f"loss {getattr(loss, 'name', loss)!r} needs a reference but reference.mode=none")
-        members = 1 if _winners_only(loss) else self._group_size(batch)
-        if members == 1 and not _winners_only(loss):
-            raise ValueError(f"the data has winners only (data.num_losers=0 or rejected: []); loss "
-                             f"{getattr(loss, 'name', loss)!r} compares winners with losers: use a winner-only "
-                             f"objective such as sft, or data with losers")
+        members = self._group_size(batch) if loss.uses_losers else 1
         draws = self._draw(batch, members, training=policy.training)
         chunks = [list(range(members))] if self.mcfg.grouped_forward or members == 1 else \
             [[0, k] for k in range(1, members)]  # Tango 2's way: the winner is re-encoded and re-denoised per pair
@@ -626,12 +627,6 @@ def _mse(model: nn.Module, noisy: Tensor, t: Tensor, hidden: Tensor, mask: Tenso
     dtype = next(model.parameters()).dtype
     pred = model(noisy.to(dtype), t, encoder_hidden_states=hidden.to(dtype), encoder_attention_mask=mask).sample
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-
-
-def _winners_only(loss: LossRequirements) -> bool:
-    """A purely additive objective (e.g. an SFT phase) only looks at the winners: skip the losers' compute."""
-    terms = [t for _, t in getattr(loss, "terms", [(1.0, loss)])]
-    return all(getattr(t, "additive", False) for t in terms) and not loss.needs_reference
 
 
 def _pad_len(x: Tensor, n: int) -> Tensor:

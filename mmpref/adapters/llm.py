@@ -19,7 +19,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +30,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmpref.config import TrainConfig
+from mmpref.config import Objective, TrainConfig
 from mmpref.data.llm import LLMDataConfig, load_llm_data
 from mmpref.data.udm import UDMConfig, udm_weights
-from mmpref.losses import Scores, build_loss
+from mmpref.errors import ConfigError
+from mmpref.io import atomic_file
+from mmpref.losses import Scores
+from mmpref.models.sampling import generate_completions
 from mmpref.sources import check_source, loading
 
 from .base import Adapter, LossRequirements
@@ -119,14 +122,14 @@ class LLMAdapter(Adapter):
     model_config_class = LLMModelConfig
     data_config_class = LLMDataConfig
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, objectives: Sequence[Objective] | None = None):
+        super().__init__(cfg, objectives)  # checks the objectives, resolves the reference mode
         self.mcfg: LLMModelConfig = cfg.model
-        objectives = [build_loss(s) for s in ([p.loss for p in cfg.phases] or [cfg.loss]) if s is not None]
-        self.unpaired = any(o.unpaired for o in objectives)
-        self.needs_kl = any(o.needs_kl for o in objectives)
-        self.needs_reference = any(o.needs_reference or o.needs_kl for o in objectives)
-        self.ref_mode = self._check_reference_mode(cfg, self.needs_reference)
+        losses = [o.loss for o in self.objectives]
+        self.unpaired = any(loss.unpaired for loss in losses)
+        self.needs_kl = any(loss.needs_kl for loss in losses)
+        if self.ref_mode == "cached" and self.needs_kl and not self.unpaired:
+            raise ConfigError("reference.mode=cached cannot score on-policy KL samples (the kl term); use copy or lora")
         check_source(self.mcfg.path, "model.path", "a causal LM folder saved with save_pretrained, or a hub id")
         if self.mcfg.tokenizer:
             check_source(self.mcfg.tokenizer, "model.tokenizer", "a tokenizer folder or a hub id")
@@ -149,17 +152,18 @@ class LLMAdapter(Adapter):
             cfg.data, self.tokenizer, seed=cfg.train.seed, unpaired=self.unpaired, with_kl=self.needs_kl
         )
         if "completion_ids" in self._train.column_names and "label" in self._train.column_names and not self.unpaired:
-            raise ValueError("data: unpaired rows (prompt, completion, label) need an unpaired loss such as kto or bco")
+            raise ConfigError(f"data.path: {cfg.data.path} holds unpaired rows (prompt, completion, label); they need "
+                              "an unpaired loss such as kto or bco")
         if cfg.data.udm is not None:
-            self._add_udm_weights(cfg.data.udm, objectives)
+            self._add_udm_weights(cfg.data.udm)
         self._last: dict[str, float] = {}
 
-    def _add_udm_weights(self, udm: UDMConfig, objectives: list) -> None:
+    def _add_udm_weights(self, udm: UDMConfig) -> None:
         """A ``udm_weight`` column on the train (and eval) rows: BCO's prompt density ratios (mmpref.data.udm)."""
-        heads = {t.name for o in objectives for _, t in o.terms}  # build_loss: always combined
+        heads = {h for o in self.objectives for h in o.loss.heads}
         if "bco" not in heads:
-            raise ValueError(f"data.udm: prompt-distribution weights are used by the bco loss only; this run's "
-                             f"losses are {sorted(heads)} (remove data.udm or train with bco)")
+            raise ConfigError(f"data.udm: prompt-distribution weights are used by the bco loss only; this run's "
+                              f"losses are {sorted(heads)} (remove data.udm or train with bco)")
         check_source(udm.embedding_model, "data.udm.embedding_model", "a text encoder folder or a hub id")
         sets = [d for d in (self._train, self._eval) if d is not None]
         prompts = [(self.tokenizer.batch_decode(list(d["prompt_ids"]), skip_special_tokens=True), list(d["label"]))
@@ -173,21 +177,6 @@ class LLMAdapter(Adapter):
                     undesirable.min(), undesirable.max())
 
     # ----- construction -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_reference_mode(cfg: TrainConfig, needed: bool) -> str:
-        mode = cfg.reference.mode
-        if mode not in ("copy", "lora", "cached", "none"):
-            raise ValueError(f"reference.mode must be copy, lora, cached or none; got {mode!r}")
-        if not needed:
-            return "none"  # reference-free run: load nothing whatever the mode says
-        if mode == "none":
-            raise ValueError("reference.mode=none, but the loss needs a reference model (or KL samples)")
-        if mode == "lora" and not cfg.lora.enabled:
-            raise ValueError("reference.mode=lora needs lora.enabled=true (the reference is the adapter-free policy)")
-        if mode == "lora" and (cfg.reference.path or cfg.reference.dtype):
-            raise ValueError("reference.mode=lora shares the policy's weights: reference.path/dtype must be unset")
-        return mode
-
     def _load_model(self, path: str | None, dtype: str | None, frozen: bool) -> nn.Module:
         dtype = dtype or self.mcfg.torch_dtype
         if dtype not in _DTYPES:
@@ -278,6 +267,13 @@ class LLMAdapter(Adapter):
             return self.forward_logps(model, batch)[0]
 
     def scores(self, policy: nn.Module, batch: dict, loss: LossRequirements) -> Scores:
+        """Summed completion log-probs of every row of ``batch`` under the policy, and what ``loss`` needs besides.
+
+        Grouped data gives ``(B, 1+K)`` scores (winner first) with lengths; unpaired data ``(B,)`` scores with
+        ``labels`` (and BCO's ``weights``). The reference pass runs first, without gradients, so its activations
+        are freed before the policy's graph is built. KL scores come from the batch's mismatched rows (KTO) or from
+        fresh policy samples (the ``kl`` term).
+        """
         b = batch["idx"].shape[0]
         kl_rows = self.unpaired and self.needs_kl
         need_ref = loss.needs_reference or (loss.needs_kl and kl_rows)
@@ -313,39 +309,21 @@ class LLMAdapter(Adapter):
         ref = self.reference_logps(policy, kl_batch)
         return self.forward_logps(policy, kl_batch)[0], ref
 
-    @torch.no_grad()
     def _sample(self, policy: nn.Module, prompts: list[list[int]]) -> list[list[int]]:
-        """One sampled completion per prompt (left-padded batch generation), cut after EOS."""
-        model, tok = unwrap(policy), self.tokenizer
-        width = max(map(len, prompts))
-        device = next(model.parameters()).device
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        """One sampled completion per prompt (the policy in eval mode), cut after EOS."""
+        model = unwrap(policy)
         with eval_mode(model):
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                do_sample=True,
-                use_cache=True,
-                max_new_tokens=self.mcfg.kl_max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-            )
-        samples = []
-        for row in out[:, width:].tolist():
-            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-            samples.append(row[: max(cut, 1)])
-        return samples
+            return generate_completions(model, prompts, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+                                        self.mcfg.kl_max_new_tokens)
 
     def step_metrics(self) -> dict[str, float]:
         return dict(self._last)
 
     # ----- setup: device placement and the reference cache --------------------------------------------------------
-    def setup(self, accelerator: Any, loss: LossRequirements) -> None:
+    def setup(self, accelerator: Any) -> None:
         if self.reference is not None:
             self.reference.to(accelerator.device)
         if self.ref_mode == "cached":
-            if self.needs_kl and not self.unpaired:
-                raise ValueError("reference.mode=cached cannot score on-policy KL samples; use copy or lora")
             self._train = self._attach_cache(accelerator, self._train, "train")
             if self._eval is not None:
                 self._eval = self._attach_cache(accelerator, self._eval, "eval")
@@ -360,9 +338,8 @@ class LLMAdapter(Adapter):
             if not os.path.exists(path):
                 if accelerator.is_main_process:
                     logger.info("computing reference log-probs for %d %s rows -> %s", len(ds), split, path)
-                    os.makedirs(cache_dir, exist_ok=True)
-                    save_file(self._reference_pass(model, ds, accelerator.device), path + ".tmp")
-                    os.replace(path + ".tmp", path)  # atomic: a killed run never leaves a half cache
+                    with atomic_file(path) as tmp:  # a killed run never leaves a half cache
+                        save_file(self._reference_pass(model, ds, accelerator.device), str(tmp))
             else:
                 logger.info("reusing cached reference log-probs %s", path)
             cache = load_file(path)

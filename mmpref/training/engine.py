@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,10 +37,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from mmpref.config import OptimConfig, TrainConfig, config_to_dict
+from mmpref.adapters import Adapter
+from mmpref.config import OptimConfig, RunConfig, TrainConfig, build_objectives, config_to_dict
 from mmpref.errors import CheckpointError, MmprefError, writing_to
-from mmpref.io import write_text_atomic
-from mmpref.losses import build_loss
+from mmpref.io import atomic_dir, write_text_atomic
 from mmpref.modalities import get_adapter_class
 
 from . import run_folder
@@ -63,16 +61,6 @@ class TrainResult:
     checkpoint: str | None  # newest complete checkpoint
     metrics_file: str  # JSONL, one line per logged step
     policy: nn.Module | None = field(default=None, repr=False)  # the trained (unwrapped) policy, in memory
-
-
-@dataclass(frozen=True)
-class _Needs:
-    """What any phase needs from the adapter's setup (satisfies adapters.LossRequirements)."""
-
-    needs_reference: bool
-    needs_lengths: bool
-    needs_kl: bool
-    unpaired: bool
 
 
 def _forget_earlier_runs() -> None:
@@ -115,10 +103,11 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
 
     # ----- model, data, objectives --------------------------------------------------------------------------------
     set_seed(run.seed)  # identical initial weights on every process
-    adapter = get_adapter_class(cfg.modality)(cfg)
+    objectives = build_objectives(cfg)  # one per phase; the only place they are built
+    adapter = get_adapter_class(cfg.modality)(cfg, objectives)  # refuses an objective it cannot serve
     run_folder.check_data(folder, adapter.data_fingerprint())
-    losses = [build_loss(spec) for spec in [p.loss for p in cfg.phases] or [cfg.loss]]  # one per phase
-    adapter.setup(accelerator, _union(losses))  # once, for everything any phase needs
+    losses = [o.loss for o in objectives]
+    adapter.setup(accelerator)  # once, for everything any phase needs
     accelerator.wait_for_everyone()  # every process has inspected the folder before the main process claims it
     if accelerator.is_main_process:
         run_folder.commit(folder, cfg, adapter.data_fingerprint())
@@ -167,7 +156,7 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
             phase = phase_at(plan, step)
             if accelerator.is_main_process:
                 bar.write(f"phase {phase.name!r} ({phase.index + 1}/{len(plan)}): steps {phase.start}..{phase.end}")
-        loss = losses[phase.index]
+        loss = objectives[phase.index].loss
         policy.train()
         with _context(step, phase):
             local, finite = [], True
@@ -274,12 +263,6 @@ def _adamw(policy: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
-def _union(losses: list[Any]) -> _Needs:
-    return _Needs(
-        *(any(getattr(x, k) for x in losses) for k in ("needs_reference", "needs_lengths", "needs_kl", "unpaired"))
-    )
-
-
 def _floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -307,7 +290,7 @@ def _log(accelerator: Accelerator, path: Path, metrics: dict[str, Any]) -> None:
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
 
 
-def _eval_loader(accelerator: Accelerator, adapter: Any, run: Any) -> Any | None:
+def _eval_loader(accelerator: Accelerator, adapter: Adapter, run: RunConfig) -> Any | None:
     if not run.eval_every or adapter.eval_dataset is None:
         return None
     loader = DataLoader(adapter.eval_dataset, batch_size=run.batch_size, collate_fn=adapter.collate)
@@ -315,23 +298,17 @@ def _eval_loader(accelerator: Accelerator, adapter: Any, run: Any) -> Any | None
 
 
 @torch.no_grad()
-def _evaluate(adapter: Any, policy: nn.Module, loss: Any, loader: Any) -> dict[str, float]:
+def _evaluate(adapter: Adapter, policy: nn.Module, loss: Any, loader: Any) -> dict[str, float]:
     policy.eval()
     rows = [{**_floats(loss(adapter.scores(policy, b, loss)).metrics), **adapter.step_metrics()} for b in loader]
     policy.train()
     return {f"eval/{k}": v for k, v in _mean_over_processes(_mean(rows)).items()}
 
 
-def _save_final(adapter: Any, policy: nn.Module, final: Path) -> None:
-    """adapter.save_pretrained into a temp dir, then swap it in: ``final`` is never half-written."""
-    tmp, old = final.with_name("final.tmp"), final.with_name("final.old")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    adapter.save_pretrained(policy, str(tmp))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def _save_final(adapter: Adapter, policy: nn.Module, final: Path) -> None:
+    """adapter.save_pretrained into a temp folder that then takes ``final``'s place: never half-written."""
+    with atomic_dir(final) as tmp:
+        adapter.save_pretrained(policy, str(tmp))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

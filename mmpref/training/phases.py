@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from mmpref.config import ConfigError, PhaseConfig, TrainConfig
 
 
 @dataclass(frozen=True)
 class Phase:
+    """Where phase ``index`` runs; its loss is ``objectives[index]`` (:func:`mmpref.config.build_objectives`)."""
+
     index: int
     name: str
-    loss: Any  # the loss spec, for mmpref.losses.build_loss
     start: int  # first global optimizer step (0-based)
     end: int  # one past the last
 
@@ -46,7 +46,7 @@ def plan_phases(cfg: TrainConfig, batches_per_epoch: int) -> list[Phase]:
             if run.max_steps is not None and i > 0:
                 break  # train.max_steps cut the recipe short, on purpose
             raise ConfigError(f"phases.{i} ({spec.name!r}) would get no steps: the run ends at step {total}")
-        phases.append(Phase(i, spec.name, spec.loss, start, end))
+        phases.append(Phase(i, spec.name, start, end))
         start = end
     return phases
 

@@ -60,8 +60,8 @@ class ToyAdapter(Adapter):
     model_config_class = ToyModelConfig
     data_config_class = ToyDataConfig
 
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
+    def __init__(self, cfg: Any, objectives: Any = None):
+        super().__init__(cfg, objectives)
         m, d = cfg.model, cfg.data
         self.policy = ToyPolicy(m.dim)
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
@@ -82,12 +82,11 @@ class ToyAdapter(Adapter):
     def collate(self, rows: list[dict]) -> dict:
         return {"idx": torch.tensor([r["idx"] for r in rows]), "x": torch.stack([r["x"] for r in rows])}
 
-    def setup(self, accelerator: Any, loss: Any) -> None:
+    def setup(self, accelerator: Any) -> None:
         self.rank = accelerator.process_index
         self.reference.to(accelerator.device)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"toy-rank{self.rank}.pid").write_text(str(os.getpid()))
-        self.needs = loss
 
     def scores(self, policy: nn.Module, batch: dict, loss: Any) -> Scores:
         self.calls += 1
