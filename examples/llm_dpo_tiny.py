@@ -19,7 +19,7 @@ import torch
 from mmpref.adapters.llm import LLMAdapter
 from mmpref.config import load_config
 from mmpref.losses import build_loss
-from mmpref.models.tiny import build_tiny_llama, synthetic_preferences
+from mmpref.toy.llm import build_tiny_llama, synthetic_preferences
 from mmpref.training import train
 
 ROOT = Path(__file__).resolve().parents[1]

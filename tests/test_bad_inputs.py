@@ -448,7 +448,7 @@ def _(ws, a):
 
 # ----- audio data ----------------------------------------------------------------------------------------------------
 def tones(ws: Path, n: int = 6) -> Path:
-    from mmpref.data.audio import make_tiny_preference_set
+    from mmpref.toy.tones import make_tiny_preference_set
 
     return make_tiny_preference_set(ws / "tones", n=n, k=1)
 

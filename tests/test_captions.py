@@ -209,8 +209,8 @@ def test_llm_output_validation_temporal():
 
 
 def test_llm_perturber_rejects_garbage_from_a_random_model(tmp_path):
-    from mmpref.models.tiny import build_tiny_llama
     from mmpref.synthesis.perturb import LLMPerturber
+    from mmpref.toy.llm import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "llm", [r["caption"] for r in TABLE] * 3, vocab_size=300)
     parse = parse_caption("A man speaks followed by a dog barking")

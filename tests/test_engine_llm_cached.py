@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mmpref.config import config_from_dict
-from mmpref.models.tiny import build_tiny_llama, synthetic_preferences
+from mmpref.toy.llm import build_tiny_llama, synthetic_preferences
 from mmpref.training import train
 
 

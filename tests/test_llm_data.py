@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from mmpref.data.llm import DataValidationError, LLMDataConfig, load_llm_data
-from mmpref.models.tiny import synthetic_preferences, train_tokenizer
+from mmpref.toy.llm import synthetic_preferences, train_tokenizer
 
 
 @pytest.fixture(scope="module")

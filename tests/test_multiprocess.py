@@ -22,7 +22,7 @@ from helpers.toy import ToyPolicy, toy_config
 from safetensors.torch import load_file
 
 from mmpref.config import config_from_dict
-from mmpref.models.tiny import build_tiny_llama, synthetic_preferences
+from mmpref.toy.llm import build_tiny_llama, synthetic_preferences
 from mmpref.training import train
 
 ROOT = Path(__file__).resolve().parents[1]

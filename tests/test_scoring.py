@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mmpref.audio import resample
-from mmpref.scoring import ClapScorer, Scorer, describe_scorer, make_tiny_clap, tiny_clap_parts
+from mmpref.scoring import ClapScorer, Scorer, describe_scorer
 from mmpref.synthesis.filters import FilterThresholds, accept, filter_decisions, filter_names
+from mmpref.toy.clap import make_tiny_clap, tiny_clap_parts
 
 TEXTS = ["a dog barks", "a man speaks then a car passes", "rain falls"]
 

@@ -17,8 +17,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +28,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmpref.audio import AudioFileError, load_audio, resample, save_audio
+from mmpref.audio import AudioFileError, load_audio, resample
 from mmpref.data.tables import Table, load_table
 from mmpref.errors import DataError, MmprefError
+from mmpref.io import atomic_dir
+from mmpref.toy.tones import make_tiny_preference_set
 from mmpref.yaml_config import check
 
 SCHEMAS = ("auto", "audio_alpaca", "grouped")
@@ -378,50 +378,6 @@ def audio_stats_fingerprint(index: PreferenceIndex) -> str:
     return _hash(stats)
 
 
-# ---------------------------------------------------------------------------------------------- tiny set
-_TONES = [("low", 220.0), ("middle", 440.0), ("high", 880.0), ("very high", 1760.0)]
-_RHYTHMS = [("steady", 0.0), ("pulsing", 4.0), ("fast beeping", 8.0)]
-
-
-def make_tiny_preference_set(directory: str | os.PathLike, n: int = 16, k: int = 1, duration_s: float = 1.0,
-                             sample_rate: int = 16000, seed: int = 0) -> Path:
-    """Write ``n`` groups of synthetic tones (WAV) and their preference file; returns the file's path.
-
-    Prompt i asks for a tone of some pitch and rhythm; the winner matches it, each loser has another pitch
-    (and sometimes rhythm). ``k == 1``: Audio-Alpaca schema (``prefs.jsonl`` with prompt/chosen/rejected/strategy);
-    ``k > 1``: grouped schema. Paths are relative to ``directory``.
-    """
-    directory = Path(directory)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        pitch, rhythm = i % len(_TONES), (i // len(_TONES)) % len(_RHYTHMS)
-        prompt = f"a {_RHYTHMS[rhythm][0]} {_TONES[pitch][0]} pitched beep"
-        chosen = f"audio/{i:04d}_w.wav"
-        save_audio(directory / chosen, _tone(pitch, rhythm, duration_s, sample_rate, rng), sample_rate)
-        rejected = []
-        for j in range(k):
-            other = (pitch + 1 + j) % len(_TONES)
-            name = f"audio/{i:04d}_l{j}.wav"
-            save_audio(directory / name, _tone(other, (rhythm + j) % len(_RHYTHMS), duration_s, sample_rate, rng),
-                       sample_rate)
-            rejected.append(name)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected[0] if k == 1 else rejected,
-                     "strategy": "tiny-tones"})
-    out = directory / "prefs.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
-def _tone(pitch: int, rhythm: int, duration_s: float, sr: int, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(int(round(duration_s * sr))) / sr
-    wave = np.sin(2 * np.pi * _TONES[pitch][1] * t + rng.uniform(0, 2 * np.pi))
-    rate = _RHYTHMS[rhythm][1]
-    if rate:
-        wave *= (np.sin(2 * np.pi * rate * t) > 0).astype(np.float64)
-    return (0.4 * wave + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
-
-
 def _tiny_source(spec: str) -> Path:
     """``tiny:N[:K]`` -> the generated file under the cache root (written once, atomically)."""
     parts = spec.split(":")[1:]
@@ -431,13 +387,8 @@ def _tiny_source(spec: str) -> Path:
         raise ValueError(f"data.path {spec!r}: expected tiny:N or tiny:N:K") from None
     target = cache_root() / "tiny_prefs" / f"n{n}_k{k}"
     if not (target / "prefs.jsonl").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        make_tiny_preference_set(tmp, n=n, k=k)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its set is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target, replace=False) as tmp:  # another process may win the race: its set is identical
+            make_tiny_preference_set(tmp, n=n, k=k)
     return target / "prefs.jsonl"
 
 
@@ -513,13 +464,9 @@ def cache_is_valid(directory: Path, fingerprint: str) -> bool:
     return bool(meta) and meta.get("version") == CACHE_VERSION and meta.get("fingerprint") == fingerprint
 
 
-def publish_cache(tmp: Path, directory: Path, meta: dict) -> None:
-    """Write meta last, then swap the finished folder in place of any old (invalidated) cache."""
-    (tmp / META).write_text(json.dumps({**meta, "version": CACHE_VERSION}, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(directory)
+def write_cache_meta(folder: Path, meta: dict) -> None:
+    """Written last into a cache being built (inside :func:`mmpref.io.atomic_dir`): it marks the cache complete."""
+    (folder / META).write_text(json.dumps({**meta, "version": CACHE_VERSION}, indent=1))
 
 
 def iter_batches(ids: list[int], size: int) -> Iterator[list[int]]:
@@ -550,8 +497,7 @@ __all__ = [
     "fit_length",
     "format_issues",
     "load_preference_index",
-    "make_tiny_preference_set",
-    "publish_cache",
+    "write_cache_meta",
     "read_and_check",
     "read_cache_meta",
 ]

@@ -53,7 +53,7 @@ class ClapScorer:
             raise ValueError("ClapScorer needs a checkpoint path, or both model= and processor=")
         if path is not None and not Path(path).is_dir():
             raise FileNotFoundError(f"CLAP checkpoint {os.fspath(path)!r} is not a folder (save one with "
-                                    "ClapModel/ClapProcessor.save_pretrained, or make_tiny_clap for tests)")
+                                    "ClapModel/ClapProcessor.save_pretrained, or mmpref.toy.clap.make_tiny_clap)")
         self.model = (model or ClapModel.from_pretrained(os.fspath(path))).to(device).eval()
         self.processor = processor or ClapProcessor.from_pretrained(os.fspath(path))
         self.device, self.crop, self.batch_size = torch.device(device), crop, batch_size
@@ -149,41 +149,3 @@ def _pooled(out: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- tiny CLAP
-def tiny_clap_parts(seed: int = 0, texts: Sequence[str] | None = None, max_length_s: int = 2) -> tuple[Any, Any]:
-    """A random tiny ``ClapModel`` (~0.2M parameters, 16 mel bins) and its processor with a locally trained
-    tokenizer: same code path as LAION CLAP, sized for CPU tests. Deterministic in ``seed``."""
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
-
-    from mmpref.models.tiny import train_tokenizer
-    from mmpref.synthesis.vocabulary import DEFAULT_VOCABULARY
-
-    corpus = list(texts or []) + [p for ps in DEFAULT_VOCABULARY.values() for p in ps]
-    tokenizer = train_tokenizer(corpus * 4, vocab_size=400)
-    extractor = ClapFeatureExtractor(feature_size=16, max_length_s=max_length_s, truncation="rand_trunc",
-                                     padding="repeatpad")
-    config = ClapConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id),
-        audio_config=dict(spec_size=64, num_mel_bins=16, window_size=4, depths=[1, 1], num_attention_heads=[1, 2],
-                          patch_embeds_hidden_size=16, hidden_size=32, num_hidden_layers=2),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ClapModel(config).eval()
-    return model, ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer)
-
-
-def make_tiny_clap(path: str | os.PathLike, seed: int = 0, texts: Sequence[str] | None = None) -> Path:
-    """Build :func:`tiny_clap_parts` and save model + processor to ``path`` (a loadable CLAP checkpoint)."""
-    path = Path(path)
-    model, processor = tiny_clap_parts(seed, texts)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def tiny_clap_scorer(seed: int = 0, **kwargs: Any) -> ClapScorer:
-    """An in-memory tiny CLAP scorer (``preset:tiny`` in a synth config)."""
-    model, processor = tiny_clap_parts(seed)
-    return ClapScorer(model=model, processor=processor, name=f"preset:tiny(seed={seed})", **kwargs)

@@ -16,6 +16,8 @@ import functools
 import re
 from dataclasses import asdict, dataclass, field
 
+from mmpref.synthesis.words import ARTICLES, DETERMINERS, content_stems, stem
+
 # connector -> relation between the event before it (A) and the event after it (B)
 BEFORE, AFTER, SAME = "before", "after", "simultaneous"  # A before B / A after B / A with B
 CONNECTORS: dict[str, str] = {
@@ -34,21 +36,6 @@ _SPLIT = re.compile(rf"\s*,\s*(?:{_WORDS})?\s+|\s+({_WORDS})\s+", re.IGNORECASE)
 # "after X, Y" = X then Y; "while X, Y" = X while Y; "first X, then Y": "first" only marks the start
 _LEADING = re.compile(r"^(after|while|as)\s+([^,]+),\s*(.+)$", re.IGNORECASE)
 _FIRST = re.compile(r"^first\s*,?\s+", re.IGNORECASE)
-DETERMINERS = frozenset(
-    "a an the some someone somebody several many multiple few two three people person man men woman women "
-    "child children kids baby crowd group he she they it something another one".split()
-)
-PRONOUNS = frozenset("he she they it something one are is was were being been".split())
-ARTICLES = frozenset("a an the some several many multiple few two three another".split())
-STOPWORDS = frozenset(
-    "a an the of in on at by with from to into over under near far and or is are being as while then before after "
-    "followed some several many multiple few loud loudly quiet quietly soft softly distant distance nearby "
-    "background foreground repeatedly continuously briefly once twice low high pitched rapid rapidly slow slowly "
-    "sound sounds noise noises small large big little young old away up down off out around by itself there "
-    "here outside inside very also".split()
-)
-
-
 @dataclass(frozen=True)
 class Event:
     """One sound event: ``text`` as written in the caption, ``subject`` inherited from the clause before (if any)."""
@@ -96,25 +83,6 @@ class CaptionParse:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "relations": self.relations, "has_order": self.has_order}
-
-
-def stem(word: str) -> str:
-    """A crude, deterministic stem (barks/barking/barked -> bark) so related word forms match."""
-    w = word.lower()
-    if w.endswith("es") and not w[:-2].endswith(("s", "x", "z", "ch", "sh")):
-        w = w[:-1]  # whistles -> whistle (then kept), buzzes -> buzz
-    for suffix in ("ing", "ed", "es", "s"):
-        if len(w) > len(suffix) + 2 and w.endswith(suffix) and not w.endswith("ss"):
-            w = w[: -len(suffix)]
-            if suffix in ("ing", "ed") and len(w) > 3 and w[-1] == w[-2]:
-                w = w[:-1]  # running -> runn -> run
-            break
-    return w
-
-
-def content_stems(text: str) -> frozenset[str]:
-    words = re.findall(r"[a-z]+", text.lower())
-    return frozenset(stem(w) for w in words if w not in STOPWORDS and w not in ARTICLES and w not in PRONOUNS)
 
 
 def soundless_events(parse: CaptionParse) -> list[str]:

@@ -20,11 +20,10 @@ from mmpref.errors import DataError
 from mmpref.synthesis.config import SynthConfig
 from mmpref.synthesis.filters import FilterThresholds, filter_decisions, filter_names
 from mmpref.synthesis.report import build_report, write_histogram
+from mmpref.synthesis.shards import RECORDS, shard_is_complete
 
 
 def read_shard_records(out: Path, shards: list) -> list[dict]:
-    from mmpref.synthesis.run import RECORDS, shard_is_complete
-
     records = []
     for shard in shards:
         shard_dir = out / "shards" / shard.name

@@ -14,7 +14,6 @@ rejected[K], strategy, ...), ``pairs.jsonl`` (Audio-Alpaca: prompt, chosen, reje
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,6 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,10 +32,17 @@ from mmpref.io import write_jsonl_atomic, write_text_atomic
 from mmpref.sources import check_source
 from mmpref.synthesis.config import SynthConfig, load_synth_config
 from mmpref.synthesis.perturb import PERTURBATION_STRATEGIES, Perturbation, Perturber, RuleBasedPerturber
+from mmpref.synthesis.shards import (
+    DONE,
+    MANIFEST,
+    RECORDS,
+    Shard,
+    file_sha,
+    plan_shards,
+    settings_hash,
+    shard_is_complete,
+)
 
-MANIFEST = "manifest.json"
-DONE = "done.json"
-RECORDS = "records.jsonl"
 FORMAT_VERSION = 1
 
 __all__ = ["SynthConfig", "SynthResult", "load_synth_config", "main", "read_captions", "run_synthesis"]
@@ -100,14 +105,6 @@ def check_captions(path: str | os.PathLike, lines: list[tuple[int, str]], parse_
                         f"{'; ...' if len(bad) > 3 else ''}); fix or remove them")
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def generation_settings(cfg: SynthConfig, pipeline_id: str, scorer_ids: dict[str, dict]) -> dict:
     """Everything that changes a shard's audio or scores (not the filters or K: those apply at the merge)."""
     generation = asdict(cfg.generation)
@@ -127,36 +124,6 @@ def generation_settings(cfg: SynthConfig, pipeline_id: str, scorer_ids: dict[str
 
 
 # ---------------------------------------------------------------------------------------------- shards
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    start: int
-    end: int
-    fingerprint: str
-
-    @property
-    def name(self) -> str:
-        return f"shard_{self.index:05d}"
-
-
-def plan_shards(captions: list[str], shard_size: int, settings_fp: str) -> list[Shard]:
-    return [Shard(i, s, min(s + shard_size, len(captions)), _hash([settings_fp, captions[s: s + shard_size]]))
-            for i, s in enumerate(range(0, len(captions), shard_size))]
-
-
-def shard_is_complete(shard_dir: Path, shard: Shard) -> bool:
-    """done.json present and matching: fingerprint, records checksum, and every audio file at its size."""
-    try:
-        done = json.loads((shard_dir / DONE).read_text())
-        if done.get("fingerprint") != shard.fingerprint:
-            return False
-        if _file_sha(shard_dir / RECORDS) != done["records_sha256"]:
-            return False
-        return all((shard_dir / rel).stat().st_size == size for rel, size in done["audio_sizes"].items())
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def _seed(base: int, caption_index: int, role: int, j: int) -> int:
     """A per-candidate seed depending only on (base seed, caption, role, candidate): shard/process independent."""
     return int(np.random.SeedSequence([base, caption_index, role, j]).generate_state(1, np.uint64)[0] >> 1)
@@ -225,13 +192,16 @@ def load_pipeline(cfg: SynthConfig):
 
 
 def load_scorers(cfg: SynthConfig, device) -> dict:
-    from mmpref.scoring import ClapScorer, tiny_clap_scorer
+    from mmpref.scoring import ClapScorer
+    from mmpref.synthesis.vocabulary import DEFAULT_VOCABULARY
+    from mmpref.toy.clap import tiny_clap_scorer
 
     out = {}
     for name, sc in cfg.scorers.items():
         if sc.path.startswith("preset:tiny"):
             seed = int(sc.path.split(":")[2]) if sc.path.count(":") == 2 else 0
-            out[name] = tiny_clap_scorer(seed, device=device, crop=sc.crop, batch_size=sc.batch_size)
+            texts = [p for phrases in DEFAULT_VOCABULARY.values() for p in phrases]  # its tokenizer's corpus
+            out[name] = tiny_clap_scorer(seed, texts, device=device, crop=sc.crop, batch_size=sc.batch_size)
         else:
             out[name] = ClapScorer(sc.path, device=device, crop=sc.crop, batch_size=sc.batch_size)
     return out
@@ -292,7 +262,7 @@ def process_shard(cfg: SynthConfig, shard: Shard, captions: list[str], shard_dir
         c["audio"] = f"shards/{shard.name}/{rel}"
         c["sample_rate"] = sr
     write_jsonl_atomic(shard_dir / RECORDS, cands, sort_keys=True)
-    done = {"fingerprint": shard.fingerprint, "records_sha256": _file_sha(shard_dir / RECORDS),
+    done = {"fingerprint": shard.fingerprint, "records_sha256": file_sha(shard_dir / RECORDS),
             "audio_sizes": sizes, "captions": shard.end - shard.start, "candidates": len(cands),
             "elapsed_s": time.perf_counter() - t0}
     write_text_atomic(shard_dir / DONE, json.dumps(done, indent=1))
@@ -335,7 +305,7 @@ def _run_synthesis(cfg: SynthConfig, out: Path, pipeline, scorers, perturber) ->
                   else {n: {"path": s.path, "crop": s.crop} for n, s in cfg.scorers.items()})
     settings = generation_settings(cfg, pipeline_id, scorer_ids)
     settings["perturber"] = type(perturber).__name__
-    shards = plan_shards(captions, cfg.shard_size, _hash(settings))
+    shards = plan_shards(captions, cfg.shard_size, settings_hash(settings))
     if state.is_main_process:
         finish_publish(out)  # a merge killed while publishing: complete it (or drop its unfinished staging)
     state.wait_for_everyone()
@@ -445,7 +415,7 @@ def _default_perturber(cfg: SynthConfig, vocabulary) -> Perturber:
 
 def _check_manifest(out: Path, settings: dict, shards: list[Shard], state) -> None:
     """Refuse to mix runs: an existing manifest must describe the same settings and captions."""
-    manifest = {"settings": settings, "settings_sha256": _hash(settings),
+    manifest = {"settings": settings, "settings_sha256": settings_hash(settings),
                 "shards": [asdict(s) for s in shards]}
     path = out / MANIFEST
     foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mmpref.synthesis.captions import content_stems
+from mmpref.synthesis.words import STOPWORDS, content_stems, stem
 
 DEFAULT_VOCABULARY: dict[str, list[str]] = {
     "animals": [
@@ -119,6 +119,4 @@ class Vocabulary:
 
 
 def _ordered_stems(phrase: str) -> list[str]:
-    from mmpref.synthesis.captions import STOPWORDS, stem
-
     return [stem(w) for w in phrase.lower().split() if w not in STOPWORDS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmpref.models.tiny import build_tiny_llama, synthetic_preferences
+from mmpref.toy.llm import build_tiny_llama, synthetic_preferences
 
 
 def write_tiny_llm_assets(root: Path, rows: int = 32, heldout: int = 8) -> dict[str, str]:

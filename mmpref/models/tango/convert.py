@@ -228,7 +228,7 @@ def load_tango_checkpoint(
     preset's). Architecture configs come from ``preset`` except the VAE (``vae_config.json`` when present) and
     ``unet_config`` (a dict or Tango's ``diffusion_model_config.json``). Nothing is downloaded.
     """
-    from mmpref.models.tango.pipeline import _resolve_tokenizer
+    from mmpref.models.tango.tokenizer import resolve_tokenizer
 
     path = Path(path_or_dir)
     folder = path if path.is_dir() else path.parent
@@ -258,7 +258,7 @@ def load_tango_checkpoint(
     text_encoder, tok_default = _text_encoder(text_encoder, _sub(main, "text_encoder."), cfg)
     _warn_unused(main, used_main, "main weights", ignore="text_encoder.")
     _warn_unused(vae_sd, used_vae | used_voc, "VAE weights")
-    tok = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_default)
+    tok = resolve_tokenizer(tokenizer if tokenizer is not None else tok_default)
     pipe = pipeline_cls(text_encoder=text_encoder, tokenizer=tok, unet=unet, vae=vae, vocoder=vocoder,
                         scheduler=presets.build_scheduler(cfg["scheduler"]))
     return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmpref.audio import GRIFFIN_LIM, GriffinLimVocoder, LogMel, MelConfig, samples_for
+from mmpref.io import write_json_atomic
 from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels
 from mmpref.models.tango import presets
+from mmpref.models.tango.tokenizer import resolve_tokenizer
 
 PIPELINE_FILE = "pipeline.json"
 COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "vocoder", "scheduler")
@@ -71,7 +73,7 @@ class TangoPipeline:
         """Random weights from a preset (``tiny`` or ``tango``); ``tokenizer``: a tokenizer or a local path
         (needed for ``tango``: FLAN-T5's tokenizer from your checkpoint). Downloads nothing."""
         cfg = presets.preset_config(name)
-        tok = _resolve_tokenizer(tokenizer if tokenizer is not None else cfg["tokenizer"])
+        tok = resolve_tokenizer(tokenizer if tokenizer is not None else cfg["tokenizer"])
         if cfg["text_encoder"]["vocab_size"] is None:
             cfg["text_encoder"]["vocab_size"] = len(tok)
         with torch.random.fork_rng(devices=[]):
@@ -138,9 +140,7 @@ class TangoPipeline:
             cls_name = "AutoTokenizer" if name == "tokenizer" else type(part).__name__
             components[name] = [lib, cls_name]
         meta["components"] = components
-        tmp = path / f".{PIPELINE_FILE}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, path / PIPELINE_FILE)  # written last: its presence marks a complete folder
+        write_json_atomic(path / PIPELINE_FILE, meta, indent=2)  # written last: its presence marks a complete folder
         return path
 
     # ------------------------------------------------------------------ placement
@@ -367,18 +367,6 @@ def _sample_generators(n: int, generator, seed: int | None) -> list[torch.Genera
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     states = np.random.SeedSequence(seed).spawn(n)  # child i depends only on (seed, i)
     return [torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0])) for s in states]
-
-
-def _resolve_tokenizer(tok: Any) -> Any:
-    if tok is None or not isinstance(tok, str | os.PathLike):
-        return tok
-    if tok == "tiny":
-        from mmpref.models.tango.tokenizer import build_tiny_tokenizer
-
-        return build_tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.fspath(tok))
 
 
 def _load_component(path: Path, spec: tuple[str, str], torch_dtype: torch.dtype | None) -> Any:

@@ -7,7 +7,9 @@ tokenizes (unseen words fall back to sub-words). T5 conventions: ``<pad>`` = 0, 
 
 from __future__ import annotations
 
+import os
 import string
+from typing import Any
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -68,3 +70,15 @@ def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 64) -> 
         model_max_length=model_max_length,
         padding_side="right",
     )
+
+
+def resolve_tokenizer(tok: Any) -> Any:
+    """A tokenizer from what a pipeline config or a caller gives: an object (kept), ``"tiny"`` (this module's), or
+    a local folder / hub id (``AutoTokenizer``)."""
+    if tok is None or not isinstance(tok, str | os.PathLike):
+        return tok
+    if tok == "tiny":
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(tok))
