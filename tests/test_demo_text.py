@@ -14,17 +14,17 @@ from mmpref.demo import text
 from mmpref.demo.text import (
     DEFAULT_CONFIG,
     Example,
-    bootstrap_ci,
+    compare,
     error_counts,
     format_answer,
     load_demo_config,
     make_examples,
-    paired_difference,
     parse_answer,
     perturb,
     preference_pairs,
     score_answer,
 )
+from mmpref.stats import bootstrap_ci
 
 TASK = load_demo_config(DEFAULT_CONFIG, quick=True, loss="dpo")["task"]
 
@@ -102,16 +102,20 @@ def test_bootstrap_matches_a_naive_loop():
     rng = np.random.default_rng(7)
     means = sorted(float(np.mean([values[i] for i in rng.integers(0, len(values), len(values))]))
                    for _ in range(500))
-    lo, hi = bootstrap_ci(values, 500, seed=7)
-    assert lo == pytest.approx(np.percentile(means, 2.5)) and hi == pytest.approx(np.percentile(means, 97.5))
-    assert bootstrap_ci([0.25] * 10, 100, seed=0) == pytest.approx((0.25, 0.25))
+    ci = bootstrap_ci(values, 500, seed=7)
+    assert ci["lo"] == pytest.approx(np.percentile(means, 2.5))
+    assert ci["hi"] == pytest.approx(np.percentile(means, 97.5))
+    const = bootstrap_ci([0.25] * 10, 100, seed=0)
+    assert (const["lo"], const["mean"], const["hi"], const["n"]) == pytest.approx((0.25, 0.25, 0.25, 10))
+    with_nan = bootstrap_ci([1.0, float("nan"), 0.0], 100, seed=0)  # a metric that does not apply to a row
+    assert with_nan["n"] == 2 and with_nan["mean"] == 0.5
 
 
 def test_paired_difference_and_error_counts():
     gold = ["a", "b", "c"]
     scored = lambda outputs: [{"output": o, "gold": gold, **score_answer(parse_answer(o), gold)} for o in outputs]
     before, after = scored(["a, b", "a, c, b", "a, b, c"]), scored(["a, b, c"] * 3)
-    diff = paired_difference(before, after, 200, seed=0)
+    diff = compare(before, after, 200, seed=0)
     assert diff["exact_match"]["mean"] == pytest.approx(2 / 3)
     assert diff["order_accuracy"]["mean"] == pytest.approx((2 / 3 + 1 / 3) / 3)
     assert diff["item_recall"]["mean"] == pytest.approx(1 / 9)
@@ -149,7 +153,7 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
         for m in text.METRICS:
             s = report["models"][name][m]
             assert s["mean"] == pytest.approx(np.mean([r[m] for r in rows]))
-            assert s["ci_low"] <= s["mean"] <= s["ci_high"]
+            assert s["lo"] <= s["mean"] <= s["hi"]
     train_prompts = {json.loads(line)["prompt"] for line in (out / "data" / "prefs.jsonl").read_text().splitlines()}
     eval_prompts = {r["prompt"] for r in rows}
     assert not train_prompts & eval_prompts  # held out

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+from mmpref.io import atomic_file
 
 # extension -> (libsndfile format, default subtype); soundfile's own defaults except where noted
 _FORMATS = {
@@ -71,13 +72,11 @@ def save_audio(path: str | os.PathLike, wave: np.ndarray, sample_rate: int, subt
     if subtype.startswith("PCM") or fmt in ("OGG", "MP3"):
         wave = np.clip(wave, -1.0, 1.0)
     data = wave.T if wave.ndim == 2 else wave  # soundfile wants (T, C)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        sf.write(tmp, data, sample_rate, format=fmt, subtype=subtype)
-        os.replace(tmp, path)
-    except Exception as e:
-        Path(tmp).unlink(missing_ok=True)
+        with atomic_file(path) as tmp:
+            sf.write(tmp, data, sample_rate, format=fmt, subtype=subtype)
+    except (OSError, RuntimeError, ValueError, sf.LibsndfileError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a full disk or a read-only folder: reported as such
         raise AudioFileError(f"cannot write audio file {str(path)!r}: {e}") from e
     return path

@@ -21,6 +21,7 @@ from scipy import ndimage, signal
 from torch import nn
 
 from mmpref.audio import LogMel, MelConfig
+from mmpref.audio.griffin_lim import griffin_lim
 from mmpref.demo.world import Scene, World, parse_caption
 
 FEATURE_FLOOR = -10.0  # log-mel floor relative to the clip's peak (natural log: ~43 dB of range)
@@ -264,27 +265,14 @@ def lowpass(wave: np.ndarray, rng: np.random.Generator, sr: int = 16000, cutoff:
     return signal.sosfiltfilt(sos, wave).astype(np.float32)
 
 
-def griffin_lim(wave: np.ndarray, rng: np.random.Generator, sr: int = 16000, n_iter: int = 32) -> np.ndarray:
-    """Tango log-mel -> pseudo-inverse mel filters -> Griffin-Lim: what a crude vocoder does to a clip."""
+def griffin_lim_copy(wave: np.ndarray, rng: np.random.Generator, sr: int = 16000, n_iter: int = 32) -> np.ndarray:
+    """What a crude vocoder does to a clip: Tango log-mel, then the library's Griffin-Lim (classic, no momentum,
+    phases seeded from ``rng``) back to a wave of the same length."""
     cfg = MelConfig(sample_rate=sr)
     logmel = LogMel(cfg)(torch.from_numpy(wave).double())
-    return mel_to_wave(logmel, cfg, n_iter, rng).astype(np.float32)[: len(wave)]
-
-
-def mel_to_wave(logmel: torch.Tensor, cfg: MelConfig, n_iter: int, rng: np.random.Generator) -> np.ndarray:
-    """Griffin-Lim inversion of a Tango log-mel ``(frames, n_mels)``."""
-    lm = LogMel(cfg)
-    basis = lm.basis.double()
-    mag = (torch.linalg.pinv(basis) @ torch.exp(logmel.double()).T).clamp(min=0)  # (bins, frames)
-    window = lm.window.double()
-    stft = dict(n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length, window=window)
-    length = (mag.shape[1] - 1) * cfg.hop_length
-    phase = torch.from_numpy(np.exp(2j * np.pi * rng.random(mag.shape)))
-    for _ in range(n_iter):
-        wave = torch.istft(mag * phase, length=length, **stft)
-        spec = torch.stft(wave, return_complex=True, **stft)
-        phase = spec / spec.abs().clamp(min=1e-8)
-    return torch.istft(mag * phase, length=length, **stft).numpy()
+    phases = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    out = griffin_lim(logmel, cfg, n_iter, phases, momentum=0.0).numpy().astype(np.float32)
+    return np.pad(out, (0, max(0, len(wave) - len(out))))[: len(wave)]
 
 
 def _blur_features(feats: torch.Tensor) -> torch.Tensor:
@@ -305,8 +293,8 @@ DEGRADATIONS: dict[str, Callable[[np.ndarray, np.random.Generator, int], np.ndar
     "noise20": lambda w, rng, sr: add_noise(w, rng, snr_db=20.0),
     "lowpass": lambda w, rng, sr: lowpass(w, rng, sr),
     "lowpass4k": lambda w, rng, sr: lowpass(w, rng, sr, cutoff=4000.0),
-    "griffinlim": lambda w, rng, sr: griffin_lim(w, rng, sr),
-    "griffinlim+noise20": lambda w, rng, sr: add_noise(griffin_lim(w, rng, sr), rng, snr_db=20.0),
+    "griffinlim": lambda w, rng, sr: griffin_lim_copy(w, rng, sr),
+    "griffinlim+noise20": lambda w, rng, sr: add_noise(griffin_lim_copy(w, rng, sr), rng, snr_db=20.0),
 }
 TRAIN_DEGRADATIONS = ("noise", "lowpass", "griffinlim", "clean")
 

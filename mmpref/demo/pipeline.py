@@ -35,14 +35,14 @@ from mmpref.demo.stages import (
     val_seed,
     world_for,
 )
-from mmpref.demo.train_parts import save_dir_atomic
-from mmpref.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from mmpref.io import atomic_dir, atomic_file, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 # The demo pipelines' vocoder: crude is enough for CLAP and the WAV examples. More iterations barely change what
 # the synth's WAVs re-encode to (VAE-decoded corpus mels, seed 0, 2026-12-01: log-mel L1 after the round trip
 # 0.145 at 16 iterations, 0.139 at 128; latent relative error 0.208 vs 0.206) and cost 8x the time.
 GRIFFIN_LIM_ITERS = 16
-JUDGE_VERSION = 1  # bump when the judge's code changes: the machine-wide judge cache is keyed by it
+JUDGE_VERSION = 2  # bump when the judge's code changes: the machine-wide judge cache is keyed by it
+# 2: its Griffin-Lim augmentation is the library's (mmpref.audio.griffin_lim) instead of a copy of its own
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,11 +64,10 @@ def judge_stage(cfg: DemoConfig, out: Path) -> dict:
         cached = cache_root() / "demo" / f"judge-{key.hexdigest()[:16]}.pt"
         if not cached.exists():
             judge = Judge.fit(world, n=cfg.judge.n, seed=1, epochs=cfg.judge.epochs)
-            tmp = judge.save(cached.with_name(f".{cached.name}.tmp"))
-            tmp.replace(cached)
-        (out / "judge").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, out / "judge" / ".judge.pt.tmp")
-        (out / "judge" / ".judge.pt.tmp").replace(out / "judge" / "judge.pt")
+            with atomic_file(cached) as tmp:
+                judge.save(tmp)
+        with atomic_file(out / "judge" / "judge.pt") as tmp:
+            shutil.copyfile(cached, tmp)
         judge = Judge.load(out / "judge" / "judge.pt")
         test = world.make_corpus(cfg.judge.n_test, seed=12345)
         clean = evaluate(judge, test, "clean")
@@ -162,7 +161,8 @@ def vae_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         pipe.vae = demo_vae(seed)
         losses = train_vae(pipe.vae, mels[n_val:], cfg.vae.steps, cfg.vae.batch_size, cfg.vae.lr, seed=seed)
         err = vae_reconstruction_error(pipe.vae, mels[:n_val])
-        save_dir_atomic(pipe.vae.save_pretrained, run / "vae")
+        with atomic_dir(run / "vae") as tmp:
+            pipe.vae.save_pretrained(tmp)
         write_jsonl_atomic(run / "vae_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])
         return {"recon_l1": err, "line": f"VAE: {cfg.vae.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.3f}, "
                                          f"held-out log-mel L1 {err:.3f}"}
@@ -209,7 +209,8 @@ def init_pipeline_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.vocoder = GriffinLimVocoder(pipe.mel_config, n_iter=GRIFFIN_LIM_ITERS)
         text = _pretrain_text_encoder(cfg, run, seed, pipe) if cfg.text_encoder.steps > 0 else "random T5"
-        save_dir_atomic(pipe.save_pretrained, run / "pipeline_init")
+        with atomic_dir(run / "pipeline_init") as tmp:
+            pipe.save_pretrained(tmp)
         n = sum(p.numel() for p in pipe.unet.parameters())
         return {"line": f"pipeline with the trained VAE, a random {n / 1e6:.2f} M-parameter UNet and {text}"}
 
@@ -269,13 +270,15 @@ def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
     from mmpref.demo.train_parts import clap_retrieval_accuracy, train_clap
 
     def fit() -> dict:
-        from mmpref.scoring.clap import make_tiny_clap
+        from mmpref.synthesis.vocabulary import DEFAULT_VOCABULARY
+        from mmpref.toy.clap import make_tiny_clap
 
         captions, waves = _load_corpus(run)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             tmp = run / ".clap_init"
-            make_tiny_clap(tmp, texts=captions)  # its tokenizer learns the world's words (else they split badly)
+            # its tokenizer learns the world's words (else they split badly), and the usual sound-event phrases
+            make_tiny_clap(tmp, texts=[*captions, *(p for ps in DEFAULT_VOCABULARY.values() for p in ps)])
         from transformers import ClapModel, ClapProcessor
 
         model, processor = ClapModel.from_pretrained(tmp), ClapProcessor.from_pretrained(tmp)
@@ -283,11 +286,9 @@ def clap_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
         losses = train_clap(model, processor, captions[n_val:], waves[n_val:], 16000, cfg.clap.steps,
                             cfg.clap.batch_size, cfg.clap.lr, seed=seed)
 
-        def save(path: Path) -> None:
-            model.save_pretrained(path)
-            processor.save_pretrained(path)
-
-        save_dir_atomic(save, run / "clap")
+        with atomic_dir(run / "clap") as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
         scores = _clap_matrix(run / "clap", captions[:n_val], waves[:n_val])
         acc = clap_retrieval_accuracy(scores)
         write_jsonl_atomic(run / "clap_losses.jsonl", [{"step": i, "loss": v} for i, v in enumerate(losses)])

@@ -9,20 +9,10 @@ from typing import Any
 import numpy as np
 
 from mmpref.demo.stages import eval_folder
+from mmpref.stats import bootstrap_ci, paired_difference
 
 # event_precision guards event_recall: a model that makes every sound at once would max recall, not precision
 METRICS = ("event_recall", "event_precision", "order_accuracy", "exact_match", "clap")
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> dict[str, float]:
-    """Mean of ``values`` and its percentile-bootstrap ``1 - alpha`` interval (resampling the rows)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return {"mean": float(values.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(values))}
 
 
 def per_caption(rows: list[dict], samples_per_caption: int, metric: str) -> np.ndarray:
@@ -45,12 +35,9 @@ def summarise_eval(rows: dict[str, list[dict]], samples_per_caption: int, n_boot
                            "samples_per_caption": samples_per_caption}
     per = {name: {m: per_caption(r, samples_per_caption, m) for m in METRICS} for name, r in rows.items()}
     for name in rows:
-        out["models"][name] = {m: bootstrap_ci(v[~np.isnan(v)], n_boot, seed) for m, v in per[name].items()}
+        out["models"][name] = {m: bootstrap_ci(v, n_boot, seed) for m, v in per[name].items()}
     for m in METRICS:
-        diff = per["aligned"][m] - per["base"][m]
-        ci = bootstrap_ci(diff[~np.isnan(diff)], n_boot, seed + 1)
-        ci["significant"] = bool(ci["lo"] > 0 or ci["hi"] < 0)
-        out["delta"][m] = ci
+        out["delta"][m] = paired_difference(per["aligned"][m], per["base"][m], n_boot, seed + 1)
     return out
 
 
@@ -133,11 +120,11 @@ def plot_clap_hist(rows: dict[str, list[dict]], path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    from mmpref.io import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     _plt().close(fig)
-    tmp.replace(path)
     return path
 
 

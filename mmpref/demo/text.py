@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from mmpref.errors import ConfigError
-from mmpref.io import claim_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
+from mmpref.io import atomic_dir, claim_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
+from mmpref.stats import bootstrap_ci, paired_difference
 from mmpref.yaml_config import apply_overrides, read_yaml, set_dotted
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_text.yaml"
@@ -122,32 +122,14 @@ def score_answer(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, flo
     }
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (the audio demo's :func:`mmpref.demo.report.bootstrap_ci`)."""
-    from mmpref.demo.report import bootstrap_ci as interval
-
-    ci = interval(np.asarray(values, dtype=np.float64), n_boot, seed, alpha=1 - level)
-    return ci["lo"], ci["hi"]
-
-
 def summarise(per_item: Sequence[dict[str, float]], n_boot: int, seed: int) -> dict[str, dict[str, float]]:
-    """``{metric: {mean, ci_low, ci_high}}`` over items."""
-    out = {}
-    for m in METRICS:
-        vals = [r[m] for r in per_item]
-        lo, hi = bootstrap_ci(vals, n_boot, seed)
-        out[m] = {"mean": float(np.mean(vals)), "ci_low": lo, "ci_high": hi}
-    return out
+    """``{metric: {mean, lo, hi, n}}`` over items (:func:`mmpref.stats.bootstrap_ci`)."""
+    return {m: bootstrap_ci([r[m] for r in per_item], n_boot, seed) for m in METRICS}
 
 
-def paired_difference(before: Sequence[dict], after: Sequence[dict], n_boot: int, seed: int) -> dict[str, dict]:
-    """Aligned minus SFT per metric, with a paired bootstrap interval (the same prompts resampled for both)."""
-    out = {}
-    for m in METRICS:
-        diff = [a[m] - b[m] for a, b in zip(after, before)]
-        lo, hi = bootstrap_ci(diff, n_boot, seed)
-        out[m] = {"mean": float(np.mean(diff)), "ci_low": lo, "ci_high": hi, "significant": lo > 0 or hi < 0}
-    return out
+def compare(before: Sequence[dict], after: Sequence[dict], n_boot: int, seed: int) -> dict[str, dict]:
+    """After minus before per metric, with a paired bootstrap interval (the same prompts resampled for both)."""
+    return {m: paired_difference([a[m] for a in after], [b[m] for b in before], n_boot, seed) for m in METRICS}
 
 
 # ----- stages -------------------------------------------------------------------------------------------------------
@@ -191,17 +173,14 @@ def build_data(cfg: dict, seed: int, out: Path) -> tuple[dict, str]:
 
 def build_model(cfg: dict, seed: int, data_dir: Path, out: Path) -> tuple[dict, str]:
     """A locally trained tokenizer and a randomly initialised tiny Llama (no downloads)."""
-    from mmpref.models.tiny import build_tiny_llama
+    from mmpref.toy.llm import build_tiny_llama
 
     texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in read_jsonl(data_dir / "prefs.jsonl")]
     texts += [r["prompt"] + format_answer(r["gold"]) for r in read_jsonl(data_dir / "eval.jsonl")]
     model_kw = dict(cfg["model"])
     vocab = model_kw.pop("vocab_size")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_llama(tmp, texts, vocab_size=vocab, seed=seed, **model_kw)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        build_tiny_llama(tmp, texts, vocab_size=vocab, seed=seed, **model_kw)
     n_params = _count_parameters(out)
     return {"path": str(out), "parameters": n_params}, f"tiny Llama with {n_params / 1e3:.0f}k parameters"
 
@@ -235,10 +214,13 @@ _SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 
 
 def evaluate(model_dir: str, examples: Sequence[dict], ecfg: dict) -> tuple[dict, str]:
-    """Greedy generations (transformers ``generate``) for every held-out prompt, parsed and scored."""
+    """Greedy generations (:func:`mmpref.models.sampling.generate_completions`) for every held-out prompt, parsed
+    and scored."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmpref.models.sampling import generate_completions
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -247,14 +229,10 @@ def evaluate(model_dir: str, examples: Sequence[dict], ecfg: dict) -> tuple[dict
     for s in tqdm(range(0, len(examples), bs), desc="generate", leave=False):
         batch = examples[s:s + bs]
         prompts = [tok(ex["prompt"])["input_ids"] for ex in batch]  # BOS + prompt, as the training data
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-        mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=
-                                 ecfg["max_new_tokens"], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for ex, row in zip(batch, gen[:, width:].tolist()):
-            text = tok.decode(row, skip_special_tokens=True)
+        completions = generate_completions(model, prompts, tok.pad_token_id, tok.eos_token_id,
+                                           ecfg["max_new_tokens"], do_sample=False)
+        for ex, ids in zip(batch, completions):
+            text = tok.decode(ids, skip_special_tokens=True)
             pred = parse_answer(text)
             rows.append({"prompt": ex["prompt"], "gold": ex["gold"], "output": text,
                          **score_answer(pred, ex["gold"])})
@@ -266,7 +244,7 @@ def evaluate(model_dir: str, examples: Sequence[dict], ecfg: dict) -> tuple[dict
 def build_report(info: dict, rows: dict[str, list[dict]], n_boot: int, seed: int) -> dict:
     """Per-model metric summaries and error counts, paired differences of the aligned model against the SFT model
     (and against the compute-matched SFT control when it ran), a verdict and a few example generations."""
-    diffs = {f"aligned-{base}": paired_difference(rows[base], rows["aligned"], n_boot, seed)
+    diffs = {f"aligned-{base}": compare(rows[base], rows["aligned"], n_boot, seed)
              for base in rows if base != "aligned"}
     return {
         **info,
@@ -299,7 +277,7 @@ MODEL_TITLES = {"sft": "SFT", "sft_control": "SFT control", "aligned": "aligned"
 
 def render_markdown(r: dict) -> str:
     def cell(s: dict, sign: str = "") -> str:
-        return f"{s['mean']:{sign}.3f} [{s['ci_low']:{sign}.3f}, {s['ci_high']:{sign}.3f}]"
+        return f"{s['mean']:{sign}.3f} [{s['lo']:{sign}.3f}, {s['hi']:{sign}.3f}]"
 
     names = list(r["models"])
     control = "sft_control" in names

@@ -13,7 +13,6 @@ preference objectives over an adapter's scores, which is all the engine computes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,17 +162,3 @@ def train_text_encoder(encoder: nn.Module, tokenizer, captions: Sequence[str], s
 def clap_retrieval_accuracy(scores: np.ndarray) -> float:
     """Top-1 text->audio retrieval accuracy of a square score matrix (captions x clips, matching diagonal)."""
     return float(np.mean(scores.argmax(axis=1) == np.arange(len(scores))))
-
-
-def save_dir_atomic(save, target: Path) -> Path:
-    """``save(tmp_dir)`` then rename to ``target`` (replacing a stale one): a folder is either complete or absent."""
-    import shutil
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    save(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target

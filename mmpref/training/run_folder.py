@@ -28,8 +28,8 @@ from mmpref.yaml_config import read_yaml
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 # What a run writes into its folder (removed by overwrite); reference_cache is a cache keyed by its contents: kept
-RUN_FILES = (RUN_FILE, CONFIG_FILE, "metrics.jsonl", "checkpoint-*", "final", "final.tmp", "final.old",
-             "training_curves.png", "mmpref")
+RUN_FILES = (RUN_FILE, CONFIG_FILE, "metrics.jsonl", "checkpoint-*", "final", ".final.*", "training_curves.png",
+             "mmpref")
 CACHES = ("reference_cache",)
 # train.* keys that change how a run is driven or recorded, not what it computes
 SAFE_TO_CHANGE = frozenset({"train.output_dir", "train.log_every", "train.save_every", "train.keep_checkpoints",
