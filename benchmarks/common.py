@@ -98,7 +98,7 @@ class StepClock:
 
 @contextmanager
 def engine_step_clock(clock: StepClock) -> Iterator[None]:
-    """Tick ``clock`` at every logged step of :func:`mmpref.training.train` (run it with ``train.log_every=1``)."""
+    """Tick ``clock`` at every logged step of :func:`mmpref.training.train` (run it with ``run.log_every=1``)."""
     import mmpref.training.engine as engine
 
     log = engine._log

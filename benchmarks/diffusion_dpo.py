@@ -16,7 +16,7 @@ differ:
 * ``mmpref_lora_gc``: ``mmpref_lora`` with gradient checkpointing in the UNet (recomputes activations in the
   backward pass: less memory, about one more forward of compute).
 * ``mmpref_lora_amp`` / ``mmpref_bf16_amp`` (GPU only): the two (b) variants with bf16 autocast
-  (``train.mixed_precision=bf16``), the setting a GPU user would turn on; Tango 2's script trained in float32.
+  (``run.mixed_precision=bf16``), the setting a GPU user would turn on; Tango 2's script trained in float32.
 
 Presets: ``tiny`` (mmpref's test preset) and ``mid``, the tiny layout scaled up by overriding the preset's config
 (wider UNet with 3 levels and 2 layers per block, a larger T5 encoder and VAE), far smaller than ``tango`` (866M
@@ -149,7 +149,7 @@ class Settings:
     lora_r: int = 8
     seed: int = 0
     threads: int = 1  # torch threads per run (0: torch's default)
-    device: str = "cpu"  # or "cuda": train.cpu=false, peaks measured on the GPU
+    device: str = "cpu"  # or "cuda": run.cpu=false, peaks measured on the GPU
     cudnn_benchmark: bool = False  # GPU: let cuDNN time its convolution algorithms (same for every variant)
 
 
@@ -243,7 +243,7 @@ def train_config(preset: dict, variant: str, data: str, s: Settings, preset_name
             "max_grad_norm": 1.0,
             "weight_decay": 0.0,
         },
-        "train": {
+        "run": {
             "batch_size": s.batch_size[preset_name],
             "max_steps": s.steps[preset_name],
             "cpu": s.device == "cpu",

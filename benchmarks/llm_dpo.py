@@ -191,7 +191,7 @@ def run_mmpref(mode: str, paths: dict, s: Settings, out: Path) -> dict[str, Any]
             "max_grad_norm": 1.0,
             "weight_decay": 0.0,
         },
-        "train": {
+        "run": {
             "batch_size": s.batch_size,
             "max_steps": s.steps,
             "cpu": True,
@@ -294,7 +294,7 @@ def check_first_batch(paths: dict, s: Settings, out: Path) -> dict[str, Any]:
         "data": {"path": paths["data"], "max_length": s.max_length},
         "reference": {"mode": "copy", "path": paths["reference"]},
         "loss": {"dpo": {"beta": s.beta}},
-        "train": {"cpu": True, "output_dir": str(out / "mmpref")},
+        "run": {"cpu": True, "output_dir": str(out / "mmpref")},
     }
     cfg = config_from_dict(raw, source="benchmarks/llm_dpo.py")
     adapter = LLMAdapter(cfg)

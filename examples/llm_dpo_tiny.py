@@ -61,9 +61,9 @@ def main() -> None:
             f"model.path={out / 'model'}",
             f"data.path={out / 'prefs.jsonl'}",
             f"data.eval_split={out / 'heldout.jsonl'}",
-            f"train.output_dir={out / 'run'}",
-            f"train.epochs={args.epochs}",
-            "train.overwrite=true",  # the model and data above are built anew: start the run over too
+            f"run.output_dir={out / 'run'}",
+            f"run.epochs={args.epochs}",
+            "run.overwrite=true",  # the model and data above are built anew: start the run over too
         ],
     )
     adapter = LLMAdapter(cfg)  # for evaluation: the same held-out rows and the frozen reference

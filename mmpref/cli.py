@@ -35,8 +35,8 @@ def train_main(argv: Sequence[str]) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print("usage: mmpref train CONFIG [key=value ...]\n\n"
               "Train with the config's adapter and loss; key=value overrides any config key (e.g. optim.lr=1e-5,\n"
-              "train.output_dir=runs/x, phases.1.loss.dpo.beta=0.2). Resumes from the newest checkpoint in\n"
-              "train.output_dir unless train.resume=false. Multi-process: accelerate launch -m mmpref.cli train ...")
+              "run.output_dir=runs/x, phases.1.loss.dpo.beta=0.2). Resumes from the newest checkpoint in\n"
+              "run.output_dir unless run.resume=false. Multi-process: accelerate launch -m mmpref.cli train ...")
         return 0 if argv else 2
     from mmpref.config import load_config
     from mmpref.training import train

@@ -95,7 +95,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    """The ``train:`` section: how the run is driven (batches, steps, precision, logging, checkpoints, folders).
+    """The ``run:`` section: how the run is driven (batches, steps, precision, logging, checkpoints, folders).
 
     output_dir: the run's folder. A new run needs an empty or new folder; a folder holding an mmpref run is resumed
         (``resume: true``, the default: the saved config must match, see :mod:`mmpref.training.run_folder`) or
@@ -141,7 +141,7 @@ class TrainConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 # ----- loading ------------------------------------------------------------------------------------------------------
@@ -160,6 +160,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overridden:
     overridden = dict(overridden)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    raw, overridden = _renamed_train_section(dict(raw), overridden, source)
     modality = raw.get("modality")
     if not isinstance(modality, str):
         raise ConfigError(f"{where(source, 'modality', overridden)}: required, a string naming the adapter "
@@ -209,6 +210,18 @@ def build_objectives(cfg: TrainConfig, at: typing.Callable[[str], str] = lambda 
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{at(key)}: {e.args[0] if e.args else e}") from None
     return out
+
+
+def _renamed_train_section(raw: dict, overridden: dict[str, str], source: str) -> tuple[dict, dict[str, str]]:
+    """Configs written before mmpref 0.2 call the ``run:`` section ``train:`` (a name that also meant the
+    ``train()`` function): read it as ``run:``, once, with a notice."""
+    if "train" not in raw:
+        return raw, overridden
+    print(f"mmpref: note: {source}: the `train:` section is now called `run:`; read as `run:`")
+    old = raw.pop("train")
+    raw["run"] = {**raw["run"], **old} if isinstance(raw.get("run"), dict) and isinstance(old, dict) else old
+    renamed = {("run" + k[5:] if k == "train" or k.startswith("train.") else k): v for k, v in overridden.items()}
+    return raw, renamed
 
 
 def _check_objective(cfg: TrainConfig, at: typing.Callable[[str], str]) -> None:

@@ -70,7 +70,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
 def llm(a: dict, ws: Path, *extra: str, data: Path | str | None = None) -> list[str]:
     """``mmpref train`` of the tiny LLM config into ``ws/run``, 2 steps."""
     over = [o for o in tiny_llm_overrides(a, ws / "run") if not o.startswith("data.path=")]
-    return ["train", LLM_TINY, *over, f"data.path={data or a['prefs']}", "data.eval_split=null", "train.max_steps=2",
+    return ["train", LLM_TINY, *over, f"data.path={data or a['prefs']}", "data.eval_split=null", "run.max_steps=2",
             *extra]
 
 
@@ -129,15 +129,15 @@ def _(ws, a):
     ("optim.betas", "[0.9]", "must be two numbers in [0, 1)"),
     ("optim.warmup_steps", "-1", "must be >= 0"),
     ("optim.max_grad_norm", "0", "must be > 0 or null"),
-    ("train.save_every", "0", "must be >= 1"),
-    ("train.log_every", "0", "must be >= 1"),
-    ("train.batch_size", "0", "must be >= 1"),
-    ("train.grad_accum", "0", "must be >= 1"),
-    ("train.keep_checkpoints", "0", "must be >= 1"),
-    ("train.epochs", "0", "must be > 0"),
-    ("train.max_steps", "0", "must be >= 1 or null"),
-    ("train.mixed_precision", "fp8", "must be one of no, bf16, fp16"),
-    ("train.eval_every", "0", "must be >= 1 or null"),
+    ("run.save_every", "0", "must be >= 1"),
+    ("run.log_every", "0", "must be >= 1"),
+    ("run.batch_size", "0", "must be >= 1"),
+    ("run.grad_accum", "0", "must be >= 1"),
+    ("run.keep_checkpoints", "0", "must be >= 1"),
+    ("run.epochs", "0", "must be > 0"),
+    ("run.max_steps", "0", "must be >= 1 or null"),
+    ("run.mixed_precision", "fp8", "must be one of no, bf16, fp16"),
+    ("run.eval_every", "0", "must be >= 1 or null"),
     ("reference.mode", "copyy", "must be one of copy, lora, cached, none"),
     ("lora.r", "0", "must be >= 1"),
     ("data.max_length", "abc", "expected int, got 'abc'"),
@@ -159,8 +159,8 @@ def test_numbers_as_python_writes_them_parse_everywhere(tmp_path):
     from mmpref.demo.stages import DemoConfig
     from mmpref.synthesis import load_synth_config
 
-    cfg = load_config(LLM_TINY, ["optim.lr=1e-5", "optim.eps=1E-8", "train.mixed_precision=no"])
-    assert cfg.optim.lr == 1e-5 and cfg.optim.eps == 1e-8 and cfg.train.mixed_precision == "no"
+    cfg = load_config(LLM_TINY, ["optim.lr=1e-5", "optim.eps=1E-8", "run.mixed_precision=no"])
+    assert cfg.optim.lr == 1e-5 and cfg.optim.eps == 1e-8 and cfg.run.mixed_precision == "no"
     (tmp_path / "f.yaml").write_text("defaults: [" + LLM_TINY + "]\noptim: {lr: 2e-5, weight_decay: 1e-2}\n")
     cfg = load_config(tmp_path / "f.yaml")
     assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.01
@@ -315,13 +315,13 @@ def _(ws, a):
 
 
 # ----- run folders ---------------------------------------------------------------------------------------------------
-@case("output-dir-is-a-file", "train.output_dir: ", "run is a file")
+@case("output-dir-is-a-file", "run.output_dir: ", "run is a file")
 def _(ws, a):
     (ws / "run").write_text("my notes")
     return llm(a, ws)
 
 
-@case("output-dir-holds-other-files", "train.output_dir: ", "is not empty (2 entries: notes.txt, thesis.tex) and "
+@case("output-dir-holds-other-files", "run.output_dir: ", "is not empty (2 entries: notes.txt, thesis.tex) and "
       "holds no mmpref run", "nothing there is touched")
 def _(ws, a):
     (ws / "run").mkdir()
@@ -334,22 +334,22 @@ def finished_run(a: dict, ws: Path, *extra: str, data: Path | None = None) -> No
     assert main(llm(a, ws, *extra, data=data)) == 0
 
 
-@case("rerun-finished-without-resume", "holds an earlier run", "train.overwrite=true", "train.resume=true")
+@case("rerun-finished-without-resume", "holds an earlier run", "run.overwrite=true", "run.resume=true")
 def _(ws, a):
     finished_run(a, ws)
-    return llm(a, ws)  # the tiny overrides say train.resume=false
+    return llm(a, ws)  # the tiny overrides say run.resume=false
 
 
-@case("resume-with-changed-lr", "holds a run with another config (optim.lr: 0.003 -> 1e-05)", "train.overwrite=true")
+@case("resume-with-changed-lr", "holds a run with another config (optim.lr: 0.003 -> 1e-05)", "run.overwrite=true")
 def _(ws, a):
     finished_run(a, ws)
-    return llm(a, ws, "train.resume=true", "optim.lr=1e-5")
+    return llm(a, ws, "run.resume=true", "optim.lr=1e-5")
 
 
-@case("resume-with-changed-batch-size", "(train.batch_size: 2 -> 4)")
+@case("resume-with-changed-batch-size", "(run.batch_size: 2 -> 4)")
 def _(ws, a):
     finished_run(a, ws)
-    return llm(a, ws, "train.resume=true", "train.batch_size=4")
+    return llm(a, ws, "run.resume=true", "run.batch_size=4")
 
 
 @case("resume-with-changed-data", "holds a run trained on other data")
@@ -360,26 +360,26 @@ def _(ws, a):
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[1:]) + "\n")  # one row fewer
     os.utime(data, ns=(10**18, 10**18))
-    return llm(a, ws, "train.resume=true", data=data)
+    return llm(a, ws, "run.resume=true", data=data)
 
 
 @case("bad-data-into-a-finished-run", "chosen == rejected")
 def _(ws, a):
-    finished_run(a, ws, "train.resume=true")
+    finished_run(a, ws, "run.resume=true")
     data = rows(a)
     data[0]["rejected"] = data[0]["chosen"]
-    return llm(a, ws, "train.overwrite=true", data=write_jsonl(ws / "bad.jsonl", data))  # run/ must stay as it was
+    return llm(a, ws, "run.overwrite=true", data=write_jsonl(ws / "bad.jsonl", data))  # run/ must stay as it was
 
 
 def _resumable(a: dict, ws: Path) -> list[str]:
     """A run of 4 steps with checkpoints at 2 and 4; returns the command that resumes it (2 more steps)."""
-    assert main(llm(a, ws, "train.resume=true", "train.max_steps=4", "train.save_every=2",
-                    "train.keep_checkpoints=3")) == 0
-    return llm(a, ws, "train.resume=true", "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=3")
+    assert main(llm(a, ws, "run.resume=true", "run.max_steps=4", "run.save_every=2",
+                    "run.keep_checkpoints=3")) == 0
+    return llm(a, ws, "run.resume=true", "run.max_steps=4", "run.save_every=2", "run.keep_checkpoints=3")
 
 
 @case("all-checkpoints-broken", "no intact checkpoint to resume from", "checkpoint-00000004 (model.safetensors:",
-      "checkpoint-00000002 (optimizer.bin:", "train.overwrite=true")
+      "checkpoint-00000002 (optimizer.bin:", "run.overwrite=true")
 def _(ws, a):
     argv = _resumable(a, ws)
     run = ws / "run"
@@ -454,7 +454,7 @@ def tones(ws: Path, n: int = 6) -> Path:
 
 
 def tango(ws: Path, data: Path, *extra: str) -> list[str]:
-    return ["train", TANGO_TINY, f"data.path={data}", f"train.output_dir={ws / 'run'}",
+    return ["train", TANGO_TINY, f"data.path={data}", f"run.output_dir={ws / 'run'}",
             f"data.cache_dir={ws / 'cache'}", *extra]
 
 
@@ -673,7 +673,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, assets, cap
 
     whole = tmp_path / "whole"
     whole.mkdir()
-    assert main(llm(assets, whole, "train.max_steps=4", "train.save_every=2")) == 0
+    assert main(llm(assets, whole, "run.max_steps=4", "run.save_every=2")) == 0
     ws = tmp_path / "ws"
     ws.mkdir()
     argv = _resumable(assets, ws)
@@ -719,8 +719,8 @@ def test_train_on_synth_dataset_folder(tmp_path, capsys):
     """`mmpref train data.path=<synth output>/dataset` reads the save_to_disk folder and finds its audio."""
     assert main(synth(tmp_path, CAPTIONS)) == 0
     assert main(["train", TANGO_TINY, f"data.path={tmp_path / 'synth' / 'dataset'}", "data.num_losers=1",
-                 f"train.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "data.duration_s=0.5",
-                 "train.max_steps=2", "phases.0.max_steps=1", "phases.0.epochs=null"]) == 0
+                 f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "data.duration_s=0.5",
+                 "run.max_steps=2", "phases.0.max_steps=1", "phases.0.epochs=null"]) == 0
     assert "done: 2 steps" in capsys.readouterr().out
 
 

@@ -77,18 +77,18 @@ def test_train_unknown_key_in_file_exits_1_naming_file_and_key(tmp_path, capsys)
 
 def test_train_bad_override_exits_1_naming_key_and_override(capsys):
     config = ROOT / "configs" / "llm_dpo_tiny.yaml"
-    assert main(["train", str(config), "train.batch_size=four"]) == 1
+    assert main(["train", str(config), "run.batch_size=four"]) == 1
     err = capsys.readouterr().err
-    assert f"{config}: train.batch_size" in err
-    assert "expected int, got 'four'" in err and "override 'train.batch_size=four'" in err
+    assert f"{config}: run.batch_size" in err
+    assert "expected int, got 'four'" in err and "override 'run.batch_size=four'" in err
 
 
 def test_override_words_no_and_off_stay_strings():
-    """YAML 1.1 would turn `train.mixed_precision=no` into False; on the command line it means "no"."""
+    """YAML 1.1 would turn `run.mixed_precision=no` into False; on the command line it means "no"."""
     from mmpref.config import ConfigError, load_config
 
-    cfg = load_config(ROOT / "configs" / "llm_dpo_tiny.yaml", ["train.mixed_precision=no", "train.cpu=true"])
-    assert cfg.train.mixed_precision == "no" and cfg.train.cpu is True
+    cfg = load_config(ROOT / "configs" / "llm_dpo_tiny.yaml", ["run.mixed_precision=no", "run.cpu=true"])
+    assert cfg.run.mixed_precision == "no" and cfg.run.cpu is True
     with pytest.raises(ConfigError, match="lora.enabled .*expected bool, got 'yes'"):
         load_config(ROOT / "configs" / "llm_dpo_tiny.yaml", ["lora.enabled=yes"])
 
@@ -101,7 +101,7 @@ def test_train_missing_config_file_exits_1(tmp_path, capsys):
 def test_train_missing_model_path_exits_1_naming_the_key(tmp_path, capsys):
     # mixed_precision=no, cpu: accelerate's state is a per-process singleton that later Accelerators must match
     config = ROOT / "configs" / "llm_dpo.yaml"
-    overrides = ["train.mixed_precision=no", "train.cpu=true", f"train.output_dir={tmp_path / 'run'}"]
+    overrides = ["run.mixed_precision=no", "run.cpu=true", f"run.output_dir={tmp_path / 'run'}"]
     code = main(["train", str(config), *overrides])
     assert code == 1
     assert "model.path: '/path/to/your/sft-model' does not exist" in capsys.readouterr().err
@@ -112,7 +112,7 @@ def test_train_tiny_llm_config_end_to_end(llm_assets, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    overrides = [*tiny_llm_overrides(llm_assets, out), f"data.eval_split={llm_assets['heldout']}", "train.max_steps=3"]
+    overrides = [*tiny_llm_overrides(llm_assets, out), f"data.eval_split={llm_assets['heldout']}", "run.max_steps=3"]
     assert main(["train", str(ROOT / "configs" / "llm_dpo_tiny.yaml"), *overrides]) == 0
     assert f"done: 3 steps; final model in {out / 'final'}" in capsys.readouterr().out
     logged = metrics(out)
@@ -131,7 +131,7 @@ def test_train_tango2_tiny_recipe_switches_phase_and_saves_a_pipeline(tmp_path, 
     monkeypatch.setenv("MMPREF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
     config = ROOT / "configs" / "tango2_dpo_tiny.yaml"
-    assert main(["train", str(config), "data.path=tiny:8:1", f"train.output_dir={out}"]) == 0
+    assert main(["train", str(config), "data.path=tiny:8:1", f"run.output_dir={out}"]) == 0
     assert "done: 4 steps" in capsys.readouterr().out
     logged = metrics(out)
     assert [(m["step"], m["phase"]) for m in logged] == [(1, "sft"), (2, "sft"), (3, "dpo"), (4, "dpo")]

@@ -23,7 +23,7 @@ def test_loads_typed_sections(cfg_file: Path):
     cfg = load_config(cfg_file)
     assert isinstance(cfg, TrainConfig)
     assert isinstance(cfg.model, ToyModelConfig) and isinstance(cfg.data, ToyDataConfig)
-    assert cfg.data.rows == 16 and cfg.train.batch_size == 4 and cfg.train.cpu is True
+    assert cfg.data.rows == 16 and cfg.run.batch_size == 4 and cfg.run.cpu is True
     assert cfg.loss == {"dpo": {"beta": 0.5}} and cfg.phases == []
     assert cfg.reference.mode == "copy" and cfg.optim.betas == [0.9, 0.999]  # defaults fill in
 
@@ -31,10 +31,10 @@ def test_loads_typed_sections(cfg_file: Path):
 def test_overrides_are_yaml_values(cfg_file: Path):
     cfg = load_config(
         cfg_file,
-        ["train.epochs=3", "optim.betas=[0.8, 0.9]", "train.max_steps=null", "model.noise=0.5", "loss={ipo: 1.0}"],
+        ["run.epochs=3", "optim.betas=[0.8, 0.9]", "run.max_steps=null", "model.noise=0.5", "loss={ipo: 1.0}"],
     )
-    assert cfg.train.epochs == 3.0 and isinstance(cfg.train.epochs, float)  # int accepted for float
-    assert cfg.optim.betas == [0.8, 0.9] and cfg.train.max_steps is None and cfg.model.noise == 0.5
+    assert cfg.run.epochs == 3.0 and isinstance(cfg.run.epochs, float)  # int accepted for float
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.run.max_steps is None and cfg.model.noise == 0.5
     assert cfg.loss == {"ipo": 1.0}
 
 
@@ -49,10 +49,10 @@ def test_phase_override_by_index(tmp_path: Path):
 @pytest.mark.parametrize(
     "section, value, key",
     [
-        ("train", {"batchsize": 4}, "train.batchsize"),  # unknown key
-        ("train", {"batch_size": "four"}, "train.batch_size"),  # wrong type
-        ("train", {"batch_size": True}, "train.batch_size"),  # bool is not an int
-        ("train", {"cpu": 1}, "train.cpu"),  # int is not a bool
+        ("run", {"batchsize": 4}, "run.batchsize"),  # unknown key
+        ("run", {"batch_size": "four"}, "run.batch_size"),  # wrong type
+        ("run", {"batch_size": True}, "run.batch_size"),  # bool is not an int
+        ("run", {"cpu": 1}, "run.cpu"),  # int is not a bool
         ("optim", {"betas": 0.9}, "optim.betas"),  # not a list
         ("optim", {"betas": [0.9, "x"]}, "optim.betas.1"),
         ("model", {"dimm": 3}, "model.dimm"),  # adapter-typed section
@@ -78,10 +78,10 @@ def test_unknown_top_level_key_and_modality(tmp_path: Path):
 
 
 def test_override_errors_say_which_override(cfg_file: Path):
-    with pytest.raises(ConfigError, match=r"train\.nope \(from override 'train\.nope=1'\)"):
-        load_config(cfg_file, ["train.nope=1"])
+    with pytest.raises(ConfigError, match=r"run\.nope \(from override 'run\.nope=1'\)"):
+        load_config(cfg_file, ["run.nope=1"])
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
-        load_config(cfg_file, ["train.epochs"])
+        load_config(cfg_file, ["run.epochs"])
 
 
 def test_loss_or_phases_exactly_one(tmp_path: Path):
@@ -108,9 +108,9 @@ def test_loss_specs_are_checked_early(tmp_path: Path):
 
 def test_defaults_includes_merge(tmp_path: Path):
     write(tmp_path / "base.yaml", toy_config(tmp_path))
-    child = {"defaults": ["base.yaml"], "train": {"batch_size": 2}, "loss": {"ipo": 1.0}}
+    child = {"defaults": ["base.yaml"], "run": {"batch_size": 2}, "loss": {"ipo": 1.0}}
     cfg = load_config(write(tmp_path / "child.yaml", child))
-    assert cfg.train.batch_size == 2 and cfg.train.cpu is True  # merged, child wins
+    assert cfg.run.batch_size == 2 and cfg.run.cpu is True  # merged, child wins
     assert cfg.loss == {"ipo": 1.0, "dpo": {"beta": 0.5}}  # mappings merge deeply
     write(tmp_path / "loop.yaml", {"defaults": "loop.yaml"})
     with pytest.raises(ConfigError, match="circular"):
@@ -118,7 +118,7 @@ def test_defaults_includes_merge(tmp_path: Path):
 
 
 def test_save_config_round_trips(cfg_file: Path, tmp_path: Path):
-    cfg = load_config(cfg_file, ["model.noise=0.25", "train.report_to=[tensorboard]"])
+    cfg = load_config(cfg_file, ["model.noise=0.25", "run.report_to=[tensorboard]"])
     save_config(cfg, tmp_path / "out" / "config.yaml")
     assert load_config(tmp_path / "out" / "config.yaml") == cfg
 
@@ -138,3 +138,14 @@ def test_missing_local_sources_name_their_key(tmp_path: Path):
         check_source("runs/x/prefs.jsonl", "data.path", "a file")  # two slashes: a path, not a hub id
     check_source("org/name", "model.path", "a hub id")  # looks like a hub id: left to the hub client
     check_source(str(tmp_path), "model.path", "a folder")
+
+
+def test_the_old_train_section_is_read_as_run(tmp_path: Path, capsys):
+    """Configs from before the rename (`train:` also named the train() function) still load, with a notice."""
+    raw = toy_config(tmp_path)
+    raw["train"] = raw.pop("run")
+    cfg = load_config(write(tmp_path / "old.yaml", raw), ["train.batch_size=2"])
+    assert cfg.run.batch_size == 2 and cfg.run.cpu is True
+    assert "the `train:` section is now called `run:`" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"run.batch_size \(from override 'train.batch_size=x'\)"):
+        load_config(write(tmp_path / "old.yaml", raw), ["train.batch_size=x"])

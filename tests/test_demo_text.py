@@ -130,8 +130,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_demo_config(DEFAULT_CONFIG, quick=False, loss="nope")
     with pytest.raises(ConfigError, match="sft.train.max_stepz"):
         load_demo_config(DEFAULT_CONFIG, quick=False, loss="dpo", settings=["sft.train.max_stepz=3"])
-    cfg = load_demo_config(DEFAULT_CONFIG, quick=False, loss="kto", settings=["align.train.max_steps=7"])
-    assert cfg["align"]["loss"] == {"kto": {"beta": 0.1}} and cfg["align"]["train"]["max_steps"] == 7
+    cfg = load_demo_config(DEFAULT_CONFIG, quick=False, loss="kto", settings=["align.run.max_steps=7"])
+    assert cfg["align"]["loss"] == {"kto": {"beta": 0.1}} and cfg["align"]["run"]["max_steps"] == 7
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: [1]\n")
     with pytest.raises(ConfigError, match="bad.yaml: section `task`"):

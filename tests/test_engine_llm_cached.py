@@ -34,7 +34,7 @@ def run(assets: dict[str, str], mode: str) -> list[float]:
         "reference": {"mode": mode},
         "loss": {"dpo": {"beta": 0.1}},
         "optim": {"lr": 1e-2, "scheduler": "constant"},
-        "train": {"batch_size": 4, "max_steps": 3, "cpu": True, "log_every": 1, "resume": False,
+        "run": {"batch_size": 4, "max_steps": 3, "cpu": True, "log_every": 1, "resume": False,
                   "output_dir": str(Path(assets["root"]) / mode)},
     }
     result = train(config_from_dict(raw))

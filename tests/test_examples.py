@@ -46,7 +46,7 @@ def test_llm_config_loads_and_trains_on_the_tiny_model(name, llm_assets, tmp_pat
     phases = [f"phases.{i}.{k}" for i in range(len(shipped.phases)) for k in ("epochs=null", "max_steps=1")]
     steps = max(1, len(shipped.phases))  # one step per phase, so that every phase of a recipe runs
     overrides = [*tiny_llm_overrides(llm_assets, tmp_path / "run"), f"data.eval_split={llm_assets['heldout']}",
-                 f"train.max_steps={steps}", *phases]
+                 f"run.max_steps={steps}", *phases]
     cfg = load_config(path, overrides)
     assert (cfg.loss, cfg.reference.mode, cfg.lora.enabled) == (shipped.loss, shipped.reference.mode,
                                                                   shipped.lora.enabled)
@@ -86,9 +86,9 @@ def test_tango2_config_is_the_published_recipe():
                                                                ("dpo", {"dpo": {"beta": 2000}}, 4)]
     assert (cfg.optim.lr, cfg.optim.scheduler, cfg.optim.warmup_steps) == (9.6e-7, "linear", 200)
     assert (cfg.model.prediction_type, cfg.model.weighting, cfg.reference.mode) == ("v_prediction", "none", "copy")
-    assert cfg.train.batch_size * cfg.train.grad_accum * 2 == 32  # 4 x 4 x 2 GPUs
+    assert cfg.run.batch_size * cfg.run.grad_accum * 2 == 32  # 4 x 4 x 2 GPUs
     assert cfg.data.num_losers == 1  # Tango 2 trains on pairs
     tiny = load_config(ROOT / "configs" / "tango2_dpo_tiny.yaml")  # the same recipe, scaled down
     assert [p.name for p in tiny.phases] == ["sft", "dpo"] and tiny.model.pipeline == "tiny"
     assert (tiny.model.prediction_type, tiny.model.weighting) == ("v_prediction", "none")
-    assert tiny.data.path.startswith("tiny:") and tiny.train.cpu
+    assert tiny.data.path.startswith("tiny:") and tiny.run.cpu

@@ -82,9 +82,9 @@ def assets(tmp_path_factory) -> dict[str, str]:
 
 
 def llm_argv(assets: dict, run: Path) -> list[str]:
-    over = [o for o in tiny_llm_overrides(assets, run) if o != "train.resume=false"]
-    return ["train", str(ROOT / "configs" / "llm_dpo_tiny.yaml"), *over, "data.eval_split=null", "train.max_steps=8",
-            "train.save_every=1", "train.keep_checkpoints=2", "train.resume=true"]
+    over = [o for o in tiny_llm_overrides(assets, run) if o != "run.resume=false"]
+    return ["train", str(ROOT / "configs" / "llm_dpo_tiny.yaml"), *over, "data.eval_split=null", "run.max_steps=8",
+            "run.save_every=1", "run.keep_checkpoints=2", "run.resume=true"]
 
 
 @pytest.mark.parametrize("moment", ["after-step-3", "while-saving"])
@@ -102,8 +102,8 @@ def test_llm_killed_then_resumed_equals_uninterrupted(moment, tmp_path, assets):
 
 def tango_argv(run: Path, cache: Path) -> list[str]:
     """The tiny Tango 2 recipe: 4 SFT steps on the winners, then 4 DPO steps; a checkpoint after every step."""
-    return ["train", str(ROOT / "configs" / "tango2_dpo_tiny.yaml"), f"train.output_dir={run}",
-            f"data.cache_dir={cache}", "train.save_every=1", "train.keep_checkpoints=2", "train.resume=true"]
+    return ["train", str(ROOT / "configs" / "tango2_dpo_tiny.yaml"), f"run.output_dir={run}",
+            f"data.cache_dir={cache}", "run.save_every=1", "run.keep_checkpoints=2", "run.resume=true"]
 
 
 @pytest.mark.parametrize("moment", ["after-the-phase-switch", "while-saving-the-first-dpo-step"])

@@ -38,7 +38,7 @@ def make_cfg(assets, data="pairs", loss="dpo", mode="copy", lora=False, **data_k
         loss=loss,
         reference=ReferenceConfig(mode=mode, cache_dir=os.path.join(assets["root"], "cache")),
         lora=LoraConfig(enabled=lora, r=4, alpha=8),
-        train=RunConfig(batch_size=4, output_dir=os.path.join(assets["root"], "run")),
+        run=RunConfig(batch_size=4, output_dir=os.path.join(assets["root"], "run")),
     )
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "helpers" / "run_configs.py"
 RANKS = (0, 1)
 
-TOY_SECTIONS = {"data": {"rows": 16}, "train": {"batch_size": 4, "epochs": 2, "save_every": 100}}
+TOY_SECTIONS = {"data": {"rows": 16}, "run": {"batch_size": 4, "epochs": 2, "save_every": 100}}
 
 
 def _free_port() -> int:
@@ -54,7 +54,7 @@ def _llm_run(tmp: Path) -> dict:
         "data": {"path": str(data), "max_length": 48},
         "loss": {"dpo": {"beta": 0.1}},
         "optim": {"lr": 1.0e-3, "warmup_steps": 0},
-        "train": {"batch_size": 2, "max_steps": 3, "cpu": True, "output_dir": str(tmp / "run"), "log_every": 1,
+        "run": {"batch_size": 2, "max_steps": 3, "cpu": True, "output_dir": str(tmp / "run"), "log_every": 1,
                   "save_every": 100, "resume": False},
     }
 
@@ -76,7 +76,7 @@ def launched(tmp_path_factory) -> dict[str, Path]:
         {"config": _write(_llm_run(root / "llm"), root / "llm.yaml")},
         {  # the shipped tiny Tango 2 recipe, on 8 groups: 2 steps of SFT, then 2 of DPO (2 groups per process)
             "config": str(ROOT / "configs" / "tango2_dpo_tiny.yaml"),
-            "overrides": ["data.path=tiny:8:1", "train.batch_size=2", f"train.output_dir={runs['diffusion']}"],
+            "overrides": ["data.path=tiny:8:1", "run.batch_size=2", f"run.output_dir={runs['diffusion']}"],
         },
     ]
     (root / "plan.json").write_text(json.dumps(plan))
@@ -136,11 +136,11 @@ def test_toy_ranks_agree_and_equal_one_process_with_the_global_batch(launched, t
     # DDP averages the two processes' gradients of their 4-row mean losses = one process on the 8-row batch made of
     # the same rows (accelerate's seedable sampler hands out consecutive batches of one permutation to the ranks)
     single = train(config_from_dict(toy_config(tmp_path, data=TOY_SECTIONS["data"],
-                                               train={**TOY_SECTIONS["train"], "batch_size": 8})))
+                                               run={**TOY_SECTIONS["run"], "batch_size": 8})))
     assert single.step == len(scores_log(out, 0)) == 4
     for name, value in single.policy.state_dict().items():
         torch.testing.assert_close(synced[name], value, rtol=1e-5, atol=1e-6)
-    torch.manual_seed(0)  # the engine's set_seed(train.seed) right before the adapter builds its ToyPolicy
+    torch.manual_seed(0)  # the engine's set_seed(run.seed) right before the adapter builds its ToyPolicy
     start = ToyPolicy(4).state_dict()
     assert not torch.equal(synced["linear.weight"], start["linear.weight"]), "training should move the weights"
 

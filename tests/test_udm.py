@@ -64,7 +64,7 @@ def make_cfg(assets, loss="bco", udm=True) -> TrainConfig:
         data=LLMDataConfig(path=assets["data"], udm=UDMConfig(embedding_model=assets["model"]) if udm else None),
         loss=loss,
         reference=ReferenceConfig(mode="copy"),
-        train=RunConfig(batch_size=4, output_dir=os.path.join(assets["root"], "run")),
+        run=RunConfig(batch_size=4, output_dir=os.path.join(assets["root"], "run")),
     )
 
 

@@ -314,7 +314,7 @@ class DiffusionAdapter(Adapter):
         directory, fp = default_cache_dir(self.dcfg), self.cache_fingerprint()
         with accelerator.main_process_first():  # the main process builds; the others then find it valid
             if not cache_is_valid(directory, fp):
-                self.build_cache(directory, fp, num_workers=self.cfg.train.num_workers)
+                self.build_cache(directory, fp, num_workers=self.cfg.run.num_workers)
         accelerator.wait_for_everyone()
         meta = read_cache_meta(directory)
         issues = [AudioIssue(k, r) for k, r in meta["issues"]]

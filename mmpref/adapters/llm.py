@@ -149,7 +149,7 @@ class LLMAdapter(Adapter):
             else None
         )
         self._train, self._eval = load_llm_data(
-            cfg.data, self.tokenizer, seed=cfg.train.seed, unpaired=self.unpaired, with_kl=self.needs_kl
+            cfg.data, self.tokenizer, seed=cfg.run.seed, unpaired=self.unpaired, with_kl=self.needs_kl
         )
         if "completion_ids" in self._train.column_names and "label" in self._train.column_names and not self.unpaired:
             raise ConfigError(f"data.path: {cfg.data.path} holds unpaired rows (prompt, completion, label); they need "
@@ -332,7 +332,7 @@ class LLMAdapter(Adapter):
         """Add ``ref`` (and ``kl_ref``) columns of reference log-probs, computed once and stored on disk."""
         model = self.policy if not (self.cfg.reference.path or self.cfg.reference.dtype) else None
         model = model or self._load_model(self.cfg.reference.path, self.cfg.reference.dtype, frozen=True)
-        cache_dir = self.cfg.reference.cache_dir or os.path.join(self.cfg.train.output_dir, "reference_cache")
+        cache_dir = self.cfg.reference.cache_dir or os.path.join(self.cfg.run.output_dir, "reference_cache")
         path = os.path.join(cache_dir, f"{split}-{self.cache_fingerprint(ds, model)}.safetensors")
         with accelerator.main_process_first():
             if not os.path.exists(path):
@@ -353,7 +353,7 @@ class LLMAdapter(Adapter):
         base.to(device)
         adapter_off = base.disable_adapter() if hasattr(base, "disable_adapter") else contextlib.nullcontext()
         refs, kls = [], []
-        bs = self.cfg.train.batch_size
+        bs = self.cfg.run.batch_size
         with adapter_off, eval_mode(base):
             for s in range(0, len(ds), bs):
                 rows = [ds[i] for i in range(s, min(s + bs, len(ds)))]

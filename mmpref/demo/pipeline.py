@@ -254,7 +254,7 @@ def unet_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
             "loss": {"sft": 1.0},
             "reference": {"mode": "none"},
             "optim": {"lr": cfg.unet.lr, "scheduler": "cosine", "warmup_steps": min(50, cfg.unet.steps // 10)},
-            "train": {"output_dir": str(run / "unet_sft"), "batch_size": cfg.unet.batch_size,
+            "run": {"output_dir": str(run / "unet_sft"), "batch_size": cfg.unet.batch_size,
                       "max_steps": cfg.unet.steps, "seed": seed, "log_every": 10,
                       "save_every": max(50, cfg.unet.steps // 4), "cpu": True},
         }
@@ -383,7 +383,7 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
             "loss": loss,
             "reference": {"mode": "copy"},
             "optim": {"lr": a.lr, "scheduler": "constant", "warmup_steps": min(10, a.steps // 10)},
-            "train": {"output_dir": str(run / "dpo"), "batch_size": a.batch_size, "max_steps": a.steps,
+            "run": {"output_dir": str(run / "dpo"), "batch_size": a.batch_size, "max_steps": a.steps,
                       "seed": seed, "log_every": 5, "save_every": max(25, a.steps // 4), "cpu": True},
         }
         result = _train_from_dict(raw, run / "dpo.yaml")

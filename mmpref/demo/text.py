@@ -200,7 +200,7 @@ def run_training(raw: dict, model_path: str, data_path: Path, out: Path, seed: i
     raw = copy.deepcopy(raw)
     raw["model"]["path"] = model_path
     raw["data"]["path"] = str(data_path)
-    raw["train"].update(output_dir=str(out), seed=seed)
+    raw["run"].update(output_dir=str(out), seed=seed)
     cfg = config_from_dict(raw, source="configs/demo_text.yaml")
     result = train(cfg)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
@@ -357,7 +357,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute) for tests and CI")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the demo config, e.g. --set sft.train.max_steps=300 (repeatable)")
+                   help="override a key of the demo config, e.g. --set sft.run.max_steps=300 (repeatable)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config (default configs/demo_text.yaml)")
     return p.parse_args(argv)
 
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> dict:
     models = {"sft": (key_sft, sft["final"]), "aligned": (key_align, align["final"])}
     if cfg["eval"].get("control", False):
         control_cfg = copy.deepcopy(cfg["sft"])
-        control_cfg["train"]["max_steps"] = align["steps"]  # compute-matched: as many steps as the alignment
+        control_cfg["run"]["max_steps"] = align["steps"]  # compute-matched: as many steps as the alignment
         key_control = fingerprint(key_sft, control_cfg)
         control = run_cached(out, "sft_control", key_control, lambda: run_training(
             control_cfg, sft["final"], out / "data" / "sft.jsonl", out / "sft_control", seed))

@@ -296,7 +296,7 @@ def _run_synthesis(cfg: SynthConfig, out: Path, pipeline, scorers, perturber) ->
                          "(the config holds their filter thresholds)")
     vocabulary = Vocabulary.load(cfg.perturb.vocabulary)
     check_captions(cfg.captions, lines, lambda c: parse_caption_with(vocabulary, c))
-    perturber = perturber or _default_perturber(cfg, vocabulary)
+    perturber = perturber or perturber_for(cfg, vocabulary)
     pipeline_id = cfg.pipeline if pipeline is None else f"in-memory {type(pipeline).__name__} " + \
         weights_fingerprint(*pipeline._modules().values())
     if pipeline is not None and hasattr(pipeline.vocoder, "to_dict"):  # Griffin-Lim: settings, not weights
@@ -403,7 +403,8 @@ def parse_caption_with(vocabulary, caption: str):
     return parse_caption(caption, vocabulary.nouns)
 
 
-def _default_perturber(cfg: SynthConfig, vocabulary) -> Perturber:
+def perturber_for(cfg: SynthConfig, vocabulary) -> Perturber:
+    """The config's perturber: the rules, or a local LLM validated against the parse (rules as its fallback)."""
     llm = cfg.perturb.llm
     if llm is None:
         return RuleBasedPerturber(vocabulary, cfg.perturb.seed)

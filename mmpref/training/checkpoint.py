@@ -131,7 +131,7 @@ def newest_intact(output_dir: Path) -> Path | None:
         broken.append(f"{path.name} ({reason})")
     if broken:
         raise CheckpointError(f"{output_dir}: no intact checkpoint to resume from: {'; '.join(broken)}. Restore "
-                              "them, or start over with train.overwrite=true (removes this run's files)")
+                              "them, or start over with run.overwrite=true (removes this run's files)")
     return None
 
 
@@ -141,7 +141,7 @@ def load_checkpoint(accelerator: Any, path: Path, scheduler: Any, losses: list[A
         accelerator.load_state(str(path))
     except Exception as e:  # noqa: BLE001 - verified files that still do not load: name the checkpoint
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                              "start over with train.overwrite=true or remove this checkpoint") from e
+                              "start over with run.overwrite=true or remove this checkpoint") from e
     state = json.loads((path / STATE).read_text())
     if "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])

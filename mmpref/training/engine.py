@@ -78,7 +78,7 @@ def _forget_earlier_runs() -> None:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg``'s policy with its adapter and its loss (or phases of losses); see the module docstring.
 
-    The run lives in ``cfg.train.output_dir`` (rules: :mod:`mmpref.training.run_folder`): a new run claims an empty
+    The run lives in ``cfg.run.output_dir`` (rules: :mod:`mmpref.training.run_folder`): a new run claims an empty
     folder only after the models and data have loaded and passed their checks; a folder holding the same run is
     resumed from its newest intact checkpoint, exactly. Returns where the final model and the metrics are.
     """
@@ -88,7 +88,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
-    run, out = cfg.train, folder.out
+    run, out = cfg.run, folder.out
     _forget_earlier_runs()
     accelerator = Accelerator(
         cpu=run.cpu,

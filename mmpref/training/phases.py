@@ -26,10 +26,10 @@ def plan_phases(cfg: TrainConfig, batches_per_epoch: int) -> list[Phase]:
     """Phase boundaries in optimizer steps. A single ``loss`` is one phase named ``train``.
 
     ``epochs`` count micro-batches of this process's dataloader (``batches_per_epoch``), ``grad_accum`` of them per
-    optimizer step, rounded up. The last phase may be open-ended: it runs until ``train.max_steps`` or
-    ``train.epochs``. ``train.max_steps``, when set, caps the whole run.
+    optimizer step, rounded up. The last phase may be open-ended: it runs until ``run.max_steps`` or
+    ``run.epochs``. ``run.max_steps``, when set, caps the whole run.
     """
-    run = cfg.train
+    run = cfg.run
     to_steps = lambda epochs: max(1, math.ceil(epochs * batches_per_epoch / run.grad_accum))  # noqa: E731
     specs = cfg.phases or [PhaseConfig(name="train", loss=cfg.loss)]
     lengths = [p.max_steps if p.max_steps is not None else to_steps(p.epochs) if p.epochs else None for p in specs]
@@ -44,7 +44,7 @@ def plan_phases(cfg: TrainConfig, batches_per_epoch: int) -> list[Phase]:
         end = min(total, start + n) if n is not None else total
         if end <= start:
             if run.max_steps is not None and i > 0:
-                break  # train.max_steps cut the recipe short, on purpose
+                break  # run.max_steps cut the recipe short, on purpose
             raise ConfigError(f"phases.{i} ({spec.name!r}) would get no steps: the run ends at step {total}")
         phases.append(Phase(i, spec.name, start, end))
         start = end

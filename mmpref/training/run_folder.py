@@ -1,11 +1,11 @@
-"""The rules of a training run's folder (``train.output_dir``): never mixed, never wiped.
+"""The rules of a training run's folder (``run.output_dir``): never mixed, never wiped.
 
 - A new run needs a new or empty folder (hidden files such as ``.gitkeep`` aside, and caches an earlier, failed
   start left).
-- A folder holding an mmpref run is resumed when ``train.resume`` is true (the default), but only if the run's
+- A folder holding an mmpref run is resumed when ``run.resume`` is true (the default), but only if the run's
   saved config equals the new one except for keys that do not change what is trained (:data:`SAFE_TO_CHANGE`), and
   its data is the same; otherwise the launch is refused, listing what changed.
-- ``train.overwrite: true`` starts over there: the files the earlier run wrote (:data:`RUN_FILES`) are removed,
+- ``run.overwrite: true`` starts over there: the files the earlier run wrote (:data:`RUN_FILES`) are removed,
   anything else in the folder is left alone.
 - Nothing is written before everything is validated: :func:`inspect` only reads; :func:`commit` writes the new
   ``config.yaml`` and ``run.json`` (or removes the old run's files) once the model and data have loaded.
@@ -31,10 +31,10 @@ CONFIG_FILE = "config.yaml"
 RUN_FILES = (RUN_FILE, CONFIG_FILE, "metrics.jsonl", "checkpoint-*", "final", ".final.*", "training_curves.png",
              "mmpref")
 CACHES = ("reference_cache",)
-# train.* keys that change how a run is driven or recorded, not what it computes
-SAFE_TO_CHANGE = frozenset({"train.output_dir", "train.log_every", "train.save_every", "train.keep_checkpoints",
-                            "train.eval_every", "train.num_workers", "train.report_to", "train.resume",
-                            "train.overwrite", "model.cache_batch_size"})
+# run.* keys that change how a run is driven or recorded, not what it computes
+SAFE_TO_CHANGE = frozenset({"run.output_dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
+                            "run.eval_every", "run.num_workers", "run.report_to", "run.resume",
+                            "run.overwrite", "model.cache_batch_size"})
 
 
 @dataclass
@@ -49,10 +49,10 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def inspect(cfg: TrainConfig) -> FolderPlan:
-    """Decide what this launch does with ``train.output_dir``, reading only (see the module docstring)."""
-    out = Path(cfg.train.output_dir)
+    """Decide what this launch does with ``run.output_dir``, reading only (see the module docstring)."""
+    out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
-        raise RunFolderError(f"train.output_dir: {out} is a file; give a folder (new or empty) for the run")
+        raise RunFolderError(f"run.output_dir: {out} is a file; give a folder (new or empty) for the run")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     legacy = (out / CONFIG_FILE).exists() and any(e == "metrics.jsonl" or e.startswith("checkpoint-") for e in entries)
     has_run = (out / RUN_FILE).exists() or legacy  # legacy: a run from before run.json existed
@@ -60,23 +60,23 @@ def inspect(cfg: TrainConfig) -> FolderPlan:
         foreign = [e for e in entries if not _matches(e, CACHES) and not e.startswith(".")]  # .gitkeep & co
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise RunFolderError(f"train.output_dir: {out} is not empty ({len(foreign)} entries: {shown}) and holds "
+            raise RunFolderError(f"run.output_dir: {out} is not empty ({len(foreign)} entries: {shown}) and holds "
                                  "no mmpref run; give a new or empty folder (nothing there is touched)")
         return FolderPlan(out, "new")
-    if cfg.train.overwrite:
+    if cfg.run.overwrite:
         return FolderPlan(out, "overwrite")
-    if not cfg.train.resume:
-        raise RunFolderError(f"train.output_dir: {out} holds an earlier run; resume it with train.resume=true, start "
-                             "over with train.overwrite=true (removes that run's files only), or give a new folder")
+    if not cfg.run.resume:
+        raise RunFolderError(f"run.output_dir: {out} holds an earlier run; resume it with run.resume=true, start "
+                             "over with run.overwrite=true (removes that run's files only), or give a new folder")
     saved = _read_run(out)
     changed = changed_keys(_saved_config(out), config_to_dict(cfg))
     unsafe = [k for k in changed if k not in SAFE_TO_CHANGE]
     if unsafe:
         old, new = _saved_config(out), config_to_dict(cfg)
         shown = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in unsafe[:4])
-        raise RunFolderError(f"train.output_dir: {out} holds a run with another config ({shown}"
+        raise RunFolderError(f"run.output_dir: {out} holds a run with another config ({shown}"
                              f"{'; ...' if len(unsafe) > 4 else ''}); resuming would mix the two. Use a new "
-                             "train.output_dir, or train.overwrite=true to start over there")
+                             "run.output_dir, or run.overwrite=true to start over there")
     return FolderPlan(out, "resume", saved)
 
 
@@ -84,9 +84,9 @@ def check_data(plan: FolderPlan, fingerprint: str) -> None:
     """On resume, the data must be what the run started with (the adapter's fingerprint of it)."""
     before = (plan.saved or {}).get("data_fingerprint")
     if plan.mode == "resume" and before and fingerprint and before != fingerprint:
-        raise RunFolderError(f"train.output_dir: {plan.out} holds a run trained on other data (the data at "
+        raise RunFolderError(f"run.output_dir: {plan.out} holds a run trained on other data (the data at "
                              "data.path changed since it started); resuming would mix the two. Use a new "
-                             "train.output_dir, or train.overwrite=true to start over there")
+                             "run.output_dir, or run.overwrite=true to start over there")
 
 
 def commit(plan: FolderPlan, cfg: TrainConfig, data_fingerprint: str) -> None:
@@ -128,10 +128,13 @@ def _get(d: Any, key: str) -> Any:
 
 def _saved_config(out: Path) -> dict:
     try:
-        return read_yaml(out / CONFIG_FILE)
+        saved = read_yaml(out / CONFIG_FILE)
+        if "train" in saved and "run" not in saved:  # written before the section was renamed
+            saved["run"] = saved.pop("train")
+        return saved
     except Exception as e:  # noqa: BLE001 - any unreadable config means we cannot tell what the run was
-        raise RunFolderError(f"train.output_dir: {out / CONFIG_FILE} cannot be read ({e}); cannot tell which run "
-                             "this folder holds. Use a new train.output_dir, or train.overwrite=true") from None
+        raise RunFolderError(f"run.output_dir: {out / CONFIG_FILE} cannot be read ({e}); cannot tell which run "
+                             "this folder holds. Use a new run.output_dir, or run.overwrite=true") from None
 
 
 def _read_run(out: Path) -> dict:
@@ -140,5 +143,5 @@ def _read_run(out: Path) -> dict:
     except FileNotFoundError:
         return {}  # a run from before run.json existed: config.yaml alone identifies it
     except (OSError, ValueError) as e:
-        raise RunFolderError(f"train.output_dir: {out / RUN_FILE} is unreadable ({e}); use a new train.output_dir, "
-                             "or train.overwrite=true") from None
+        raise RunFolderError(f"run.output_dir: {out / RUN_FILE} is unreadable ({e}); use a new run.output_dir, "
+                             "or run.overwrite=true") from None

@@ -42,7 +42,7 @@ def record_scores(adapter_class: type) -> None:
         rank = PartialState().process_index
         idx = batch.get("idx")
         row = {"loss": loss.name, "shape": list(out.policy.shape), "idx": None if idx is None else idx.tolist()}
-        with (Path(self.cfg.train.output_dir) / f"scores-rank{rank}.jsonl").open("a") as f:
+        with (Path(self.cfg.run.output_dir) / f"scores-rank{rank}.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
         return out
 

@@ -69,7 +69,7 @@ class ToyAdapter(Adapter):
         self._eval = _rows(d.eval_rows, d.losers, m.dim, seed=99) if d.eval_rows else None
         self.calls = 0
         self.rank = 0
-        self.out = Path(cfg.train.output_dir)
+        self.out = Path(cfg.run.output_dir)
 
     @property
     def train_dataset(self) -> list[dict]:
@@ -135,7 +135,7 @@ def toy_config(tmp_path: Path, **sections: Any) -> dict:
         "data": {"rows": 16},
         "loss": {"dpo": {"beta": 0.5}},
         "optim": {"lr": 0.05, "warmup_steps": 1},
-        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "cpu": True, "log_every": 1, "save_every": 2},
+        "run": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "cpu": True, "log_every": 1, "save_every": 2},
     }
     for key, value in sections.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value

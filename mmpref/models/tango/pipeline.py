@@ -306,7 +306,10 @@ class TangoPipeline:
             mask = torch.cat([_pad_to(um, length), _pad_to(mask, length)])
         return hidden.to(self.unet.dtype), mask
 
-    def _denoise(self, prompts, gens, duration_s, steps, guidance_scale, bar) -> torch.Tensor:
+    def _denoise(self, prompts: list[str], gens: list[torch.Generator], duration_s: float, steps: int,
+                 guidance_scale: float, bar: tqdm) -> torch.Tensor:
+        """Latents ``(N, C, T', F')`` of ``prompts`` after ``steps`` scheduler steps, sample i driven by ``gens[i]``
+        alone; classifier-free guidance (an empty-prompt pass) when ``guidance_scale > 1``."""
         cfg = guidance_scale > 1.0
         hidden, mask = self._condition(prompts, cfg)
         hidden, mask = hidden.to(self.device), mask.to(self.device)
@@ -357,7 +360,8 @@ def _resolve_vocoder(vocoder: Any, mel_config: MelConfig) -> Any:
     return vocoder
 
 
-def _sample_generators(n: int, generator, seed: int | None) -> list[torch.Generator]:
+def _sample_generators(n: int, generator: torch.Generator | list[torch.Generator] | None,
+                       seed: int | None) -> list[torch.Generator]:
     if isinstance(generator, list):
         if len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} samples")
