@@ -34,11 +34,11 @@ def calls(out: Path, rank: int = 0) -> list[dict]:
 # ----- the phase plan ------------------------------------------------------------------------------------------------
 def test_phase_plan_is_a_function_of_the_step(tmp_path: Path):
     phases = [{"name": "sft", "loss": "sft", "epochs": 1}, {"name": "dpo", "loss": "dpo"}]
-    cfg = config_from_dict(toy_config(tmp_path, phases=phases, train={"grad_accum": 2, "epochs": 3}))
+    cfg = config_from_dict(toy_config(tmp_path, phases=phases, run={"grad_accum": 2, "epochs": 3}))
     plan = plan_phases(cfg, batches_per_epoch=5)  # 1 epoch = ceil(5 / 2) = 3 optimizer steps
     assert [(p.name, p.start, p.end) for p in plan] == [("sft", 0, 3), ("dpo", 3, 8)]  # run: ceil(3 * 5 / 2) = 8
     assert [phase_at(plan, s).name for s in range(8)] == ["sft"] * 3 + ["dpo"] * 5
-    capped = config_from_dict(toy_config(tmp_path, phases=phases, train={"max_steps": 2}))
+    capped = config_from_dict(toy_config(tmp_path, phases=phases, run={"max_steps": 2}))
     assert [(p.name, p.start, p.end) for p in plan_phases(capped, 5)] == [("sft", 0, 2)]  # max_steps caps the recipe
     sized = [{"name": "a", "loss": "sft", "max_steps": 2}, {"name": "b", "loss": "dpo", "epochs": 0.5}]
     cfg = config_from_dict(toy_config(tmp_path, phases=sized))
@@ -47,7 +47,7 @@ def test_phase_plan_is_a_function_of_the_step(tmp_path: Path):
 
 def test_phase_switch_happens_at_the_planned_step(tmp_path: Path):
     phases = [{"name": "sft", "loss": {"sft": 1.0}, "epochs": 1}, {"name": "dpo", "loss": {"dpo": {"beta": 0.5}}}]
-    res = run(toy_config(tmp_path, phases=phases, train={"grad_accum": 2, "epochs": 2}))
+    res = run(toy_config(tmp_path, phases=phases, run={"grad_accum": 2, "epochs": 2}))
     # 16 rows / batch 4 = 4 micro-batches per epoch = 2 optimizer steps of 2 micro-batches
     assert [c["loss"] for c in calls(Path(res.output_dir))] == ["sft"] * 4 + ["dpo"] * 4
     assert [(s, p) for s, p, _ in losses(res)] == [(1, "sft"), (2, "sft"), (3, "dpo"), (4, "dpo")]
@@ -56,8 +56,8 @@ def test_phase_switch_happens_at_the_planned_step(tmp_path: Path):
 
 # ----- gradient accumulation -----------------------------------------------------------------------------------------
 def test_grad_accumulation_matches_a_bigger_batch(tmp_path: Path):
-    big = run(toy_config(tmp_path / "a", train={"batch_size": 4, "grad_accum": 1, "epochs": 2}))
-    acc = run(toy_config(tmp_path / "b", train={"batch_size": 2, "grad_accum": 2, "epochs": 2}))
+    big = run(toy_config(tmp_path / "a", run={"batch_size": 4, "grad_accum": 1, "epochs": 2}))
+    acc = run(toy_config(tmp_path / "b", run={"batch_size": 2, "grad_accum": 2, "epochs": 2}))
     assert len(losses(big)) == len(losses(acc)) == 8
     for (_, _, a), (_, _, b) in zip(losses(big), losses(acc)):
         assert a == pytest.approx(b, abs=1e-6)
@@ -70,7 +70,7 @@ def resume_config(tmp_path: Path, **model) -> dict:
     """sft for 4 steps then bco (stateful: a running reward shift), noisy scores (RNG), mid-epoch checkpoints."""
     phases = [{"name": "sft", "loss": {"sft": 1.0}, "max_steps": 4}, {"name": "bco", "loss": {"bco": {"beta": 0.5}}}]
     train = {"grad_accum": 2, "max_steps": 9, "save_every": 3, "keep_checkpoints": 3}
-    return toy_config(tmp_path, phases=phases, model={"noise": 0.1, **model}, train=train, optim={"warmup_steps": 2})
+    return toy_config(tmp_path, phases=phases, model={"noise": 0.1, **model}, run=train, optim={"warmup_steps": 2})
 
 
 def test_resume_after_a_crash_reproduces_the_loss_curve(tmp_path: Path, monkeypatch):
@@ -81,7 +81,7 @@ def test_resume_after_a_crash_reproduces_the_loss_curve(tmp_path: Path, monkeypa
     with pytest.raises(TrainingError, match=r"step 5 \(phase 'bco'\) failed: RuntimeError: simulated crash"):
         run(crashed)
     monkeypatch.delenv("TOY_FAIL_AT_CALL")
-    out = Path(crashed["train"]["output_dir"])
+    out = Path(crashed["run"]["output_dir"])
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-00000003"]
     # debris a crash can leave: a half-written temp dir and a directory without the `complete` marker
     shutil.copytree(out / "checkpoint-00000003", out / "checkpoint-00000006.tmp")
@@ -104,7 +104,7 @@ def test_resume_after_a_crash_reproduces_the_loss_curve(tmp_path: Path, monkeypa
 
 
 def test_rerunning_a_finished_run_is_a_no_op(tmp_path: Path):
-    raw = toy_config(tmp_path, train={"max_steps": 3})
+    raw = toy_config(tmp_path, run={"max_steps": 3})
     first = run(raw)
     again = run(raw)
     assert again.step == 3 and len(calls(Path(first.output_dir))) == 3  # no new batches were scored
@@ -115,16 +115,16 @@ def test_train_calls_in_one_process_with_other_settings_do_not_leak(tmp_path: Pa
     """accelerate's process-wide state is cleared between runs: a bf16 run with accumulation, then a float32 one,
     then the first again gives the first run's losses and weights exactly (accelerate refused the second before)."""
     mixed = {"mixed_precision": "bf16", "grad_accum": 2, "max_steps": 3}
-    first = run(toy_config(tmp_path / "a", train=mixed))
-    plain = run(toy_config(tmp_path / "b", train={"max_steps": 3}))
-    again = run(toy_config(tmp_path / "c", train=mixed))
+    first = run(toy_config(tmp_path / "a", run=mixed))
+    plain = run(toy_config(tmp_path / "b", run={"max_steps": 3}))
+    again = run(toy_config(tmp_path / "c", run=mixed))
     assert losses(again) == losses(first) != losses(plain)
     for name, value in final_params(first).items():
         torch.testing.assert_close(final_params(again)[name], value, rtol=0, atol=0)
 
 
 def test_keeps_the_last_n_checkpoints(tmp_path: Path):
-    res = run(toy_config(tmp_path, train={"max_steps": 5, "save_every": 1, "keep_checkpoints": 2}))
+    res = run(toy_config(tmp_path, run={"max_steps": 5, "save_every": 1, "keep_checkpoints": 2}))
     names = [p.name for p in complete_checkpoints(Path(res.output_dir))]
     assert names == ["checkpoint-00000004", "checkpoint-00000005"]
     assert res.checkpoint.endswith("checkpoint-00000005")
@@ -134,11 +134,11 @@ def test_keeps_the_last_n_checkpoints(tmp_path: Path):
 # ----- failures ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("failure", ["nan_at_call", "inf_at_call"])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, failure: str):
-    raw = toy_config(tmp_path, model={failure: 7}, train={"max_steps": 10, "save_every": 2})
+    raw = toy_config(tmp_path, model={failure: 7}, run={"max_steps": 10, "save_every": 2})
     with pytest.raises(TrainingError, match=r"step 7 \(phase 'train'\)") as e:
         run(raw)
     assert "NaN" in str(e.value) or "non-finite" in str(e.value)
-    out = Path(raw["train"]["output_dir"])
+    out = Path(raw["run"]["output_dir"])
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-00000004", "checkpoint-00000006"]
     assert not (out / "final").exists() and not list(out.glob("*.tmp"))
     weights = load_file(str(out / "checkpoint-00000006" / "model.safetensors"))
@@ -147,9 +147,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
 
 
 def test_eval_and_result(tmp_path: Path):
-    res = run(toy_config(tmp_path, data={"eval_rows": 8}, train={"max_steps": 4, "eval_every": 2}))
+    """The step-4 evaluation equals DPO computed by hand on the held-out rows with the final weights and the
+    starting weights as reference (beta 0.5); the result points at what the run wrote."""
+    import torch.nn.functional as F
+    from accelerate.utils import set_seed
+    from helpers.toy import ToyAdapter, ToyPolicy, _rows
+
+    raw = toy_config(tmp_path, data={"eval_rows": 8}, run={"max_steps": 4, "eval_every": 2})
+    res = run(raw)
     rows = [json.loads(line) for line in Path(res.metrics_file).read_text().splitlines()]
     evals = [r for r in rows if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [2, 4] and all(r["eval/rewards/accuracies"] >= 0 for r in evals)
-    assert res.metrics["step"] == 4 and "rewards/margins" in res.metrics and "grad_norm" in res.metrics
+    assert [r["step"] for r in evals] == [2, 4]
+    policy = ToyPolicy(4)
+    policy.load_state_dict(final_params(res))
+    set_seed(0)  # as the engine does before it builds the adapter: the reference is the starting policy
+    reference = ToyAdapter(config_from_dict(raw)).reference
+    x = torch.stack([r["x"] for r in _rows(8, 1, 4, seed=99)])  # the toy's held-out rows
+    with torch.no_grad():
+        r = policy(x) - reference(x)
+    margin = 0.5 * (r[:, 0] - r[:, 1])
+    assert evals[1]["eval/loss"] == pytest.approx(float(-F.logsigmoid(margin).mean()), abs=1e-6)
+    assert evals[1]["eval/rewards/accuracies"] == pytest.approx(float((margin > 0).float().mean()), abs=1e-6)
+    assert evals[1]["eval/rewards/margins"] == pytest.approx(float(margin.mean()), abs=1e-6)
+    assert res.metrics["step"] == 4 and {"rewards/margins", "grad_norm", "lr"} <= res.metrics.keys()
+    assert res.checkpoint.endswith("checkpoint-00000004")
     assert (Path(res.output_dir) / "config.yaml").exists() and (Path(res.final_dir) / "model.safetensors").exists()

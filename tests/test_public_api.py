@@ -1,5 +1,7 @@
 """The public API: every re-exported name resolves, and ``import mmpref`` stays light."""
 
+import importlib
+import inspect
 import subprocess
 import sys
 
@@ -10,8 +12,11 @@ import mmpref
 
 @pytest.mark.parametrize("name", mmpref.__all__)
 def test_every_export_resolves_to_its_definition(name):
+    """``mmpref.X`` is the very class or function its module exports, defined in the package under that name."""
     value = getattr(mmpref, name)
-    assert getattr(value, "__name__", name) == name
+    assert value is getattr(importlib.import_module(mmpref._EXPORTS[name]), name)
+    assert inspect.isclass(value) or inspect.isfunction(value), f"{name} is a {type(value).__name__}"
+    assert value.__name__ == name and value.__module__.startswith("mmpref.")
 
 
 def test_import_is_light_and_unknown_names_fail():

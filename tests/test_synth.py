@@ -3,14 +3,15 @@ shards, re-filtering without regeneration, the CLI, and loading the output in th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers.fakes import FakeAccelerator
+from helpers.synth_outputs import snapshot
 
 import mmpref.audio
 import mmpref.synthesis.run as synth_run
@@ -70,17 +71,6 @@ def small_cfg(out: Path, **over):
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def snapshot(out: Path) -> dict:
-    """Everything a run produces, minus timings: dataset rows, jsonl files, every audio/records file's hash."""
-    import datasets
-
-    files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted((out / "shards").rglob("*")) if p.is_file() and p.name != "done.json"}
-    return {"dataset": datasets.load_from_disk(str(out / "dataset")).to_list(),
-            **{name: (out / name).read_text() for name in ("grouped.jsonl", "pairs.jsonl", "candidates.jsonl")},
-            "files": files}
 
 
 ORIGINAL_PROCESS_SHARD = synth_run.process_shard
@@ -259,11 +249,18 @@ def test_llm_perturber_from_config(tmp_path):
     path = build_tiny_llama(tmp_path / "llm", ["a dog barks then a man speaks"] * 20, vocab_size=300)
     cfg = small_cfg(tmp_path / "out", **{"perturb.llm": {"path": str(path), "max_new_tokens": 8,
                                                          "num_samples": 2}})
-    perturber = synth_run._default_perturber(cfg, Vocabulary.default())
+    perturber = synth_run.perturber_for(cfg, Vocabulary.default())
     assert isinstance(perturber, LLMPerturber) and perturber.fallback is not None
-    parse = perturber.vocabulary and synth_run.parse_caption_with(perturber.vocabulary, "A dog barks then a man speaks")
+    original = "A dog barks then a man speaks"
+    parse = synth_run.parse_caption_with(perturber.vocabulary, original)
     out = perturber.perturb(parse, "temporal", 2)
     assert len(out) == 2 and all(p.strategy == "temporal" for p in out)
+    # a random tiny LM writes nothing valid, so the rules fill in: temporal perturbations of a 2-event caption
+    # change the order of the same events (or add / drop one), never the caption itself
+    for p in out:
+        assert p.caption.lower() != original.lower()
+        events = [e.standalone.lower() for e in synth_run.parse_caption_with(perturber.vocabulary, p.caption).events]
+        assert set(events) & {"a dog barks", "a man speaks"}, p.caption
 
 
 def centroid(texts: list[str], waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
@@ -383,8 +380,18 @@ def test_output_loads_in_the_diffusion_adapter_unchanged(cli_run, tmp_path, name
     adapter.setup(FakeAccelerator())
     rows = read_jsonl(cli_run / name)
     assert len(adapter.train_dataset) == len(rows)
-    batch = adapter.collate([adapter.train_dataset[i] for i in range(min(2, len(rows)))])
-    assert batch["mean"].shape[:2] == (min(2, len(rows)), 2)  # winner + 1 loser per group
+    batch = adapter.collate([adapter.train_dataset[0]])
+    assert batch["mean"].shape[:2] == (1, 2)  # winner + 1 loser per group
+    # the cached posteriors are the VAE's encoding of the very files the row names, winner first
+    from mmpref.adapters.diffusion import prepare_wave
+    from mmpref.audio import samples_for
+
+    pipe, row = adapter.pipe, rows[0]
+    loser = row["rejected"][0] if isinstance(row["rejected"], list) else row["rejected"]
+    n = samples_for(0.5, pipe.mel_config)
+    waves = torch.stack([prepare_wave(load_audio(cli_run / f, 16000), n) for f in (row["chosen"], loser)])
+    mean, _ = pipe.encode_audio(waves)
+    torch.testing.assert_close(batch["mean"][0], mean.float(), atol=1e-5, rtol=1e-4)
 
 
 def test_cli_help_and_bad_config(capsys, tmp_path):

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_synth import ROOT, snapshot
+from helpers.synth_outputs import snapshot
 
 pytestmark = pytest.mark.skipif(os.environ.get("MMPREF_MULTIPROCESS_TESTS") != "1",
                                 reason="set MMPREF_MULTIPROCESS_TESTS=1 to run the 2-process synthesis test")
 OVERRIDES = ["generation.duration_s=0.5", "generation.steps=2"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_processes_split_shards_and_match_one_process(tmp_path):

@@ -52,9 +52,16 @@ def test_batched_equals_one_by_one(pipe):
 
 
 def test_generator_list_and_no_guidance(pipe):
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    out = pipe(PROMPTS[:2], generator=gens, **{**KW, "guidance_scale": 1.0})
-    assert out.shape == (2, 16000) and np.isfinite(out).all()
+    """A list of generators drives sample i with generator i alone (so a batch equals its samples one by one),
+    and guidance 1 (no unconditional pass) gives other audio than guidance 3."""
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(2)]  # noqa: E731
+    plain = {**KW, "guidance_scale": 1.0}
+    out = pipe(PROMPTS[:2], generator=gens(), **plain)
+    for i in range(2):
+        alone = pipe([PROMPTS[i]], generator=[gens()[i]], **plain)
+        np.testing.assert_allclose(out[i], alone[0], atol=1e-5)
+    guided = pipe(PROMPTS[:2], generator=gens(), **KW)
+    assert np.abs(out - guided).max() > 1e-4
 
 
 def test_sampling_restricts_attention_kernels(pipe):
@@ -82,8 +89,16 @@ def test_sampling_restricts_attention_kernels(pipe):
 
 @pytest.mark.parametrize("duration", [1.0, 2.56, 0.37])
 def test_any_duration(pipe, duration):
-    out = pipe(["a bird sings"], seed=0, **{**KW, "duration_s": duration, "num_inference_steps": 2})
-    assert out.shape == (1, round(duration * 16000))
+    """The latent has ceil(ceil(samples / hop) / 4) frames (Tango's 10.24 s -> 1024 mel frames -> 256), the wave
+    exactly ``duration * sr`` samples, and the wave is the latent decoded and cut to that length."""
+    kw = {**KW, "duration_s": duration, "num_inference_steps": 2}
+    latent = pipe(["a bird sings"], seed=0, output_type="latent", **kw)
+    frames = math.ceil(math.ceil(round(duration * 16000) / 160) / 4)
+    assert latent.shape == (1, 8, frames, 16) == (1, *pipe.latent_shape(duration))
+    wave = pipe(["a bird sings"], seed=0, **kw)
+    assert wave.shape == (1, round(duration * 16000))
+    full = pipe.mel_to_wave(pipe.decode_latents(latent)).numpy()
+    np.testing.assert_allclose(wave[0], full[0, : wave.shape[1]], atol=1e-6)
 
 
 def test_encode_audio_shapes_and_scaling(pipe):
