@@ -79,7 +79,7 @@ def test_llm_dpo_tiny_example_beats_chance_on_heldout_pairs(tmp_path, monkeypatc
 
 
 def test_tango2_config_is_the_published_recipe():
-    """configs/tango2_dpo.yaml loads as shipped and holds Tango 2's numbers (shared/design/tango2.md)."""
+    """configs/tango2_dpo.yaml loads as shipped and holds Tango 2's numbers (the paper's recipe, see the config)."""
     cfg = load_config(ROOT / "configs" / "tango2_dpo.yaml")
     assert cfg.modality == "diffusion"
     assert [(p.name, p.loss, p.epochs) for p in cfg.phases] == [("sft", {"sft": 1.0}, 1),
