@@ -131,6 +131,124 @@ class RunConfig:
               f"must be one of {', '.join(MIXED_PRECISION)}; got {self.mixed_precision!r}")
 
 
+JUDGE_KINDS = ("reward_model", "callable", "clap")
+
+
+@dataclass
+class JudgeConfig:
+    """The ``online.judge`` section.
+
+    kind: ``reward_model`` (a transformers sequence classifier folder or hub id with one output), ``callable``
+        (``path: module:function``, called as ``fn(prompts, responses) -> rewards`` or, with ``preference: true``,
+        ``fn(prompts, a, b) -> P(a beats b)``), or ``clap`` (a CLAP folder, or ``preset:tiny``; audio only).
+    preference: the callable returns preference probabilities instead of rewards.
+    """
+
+    kind: str = "reward_model"
+    path: str = ""
+    preference: bool = False
+    batch_size: int = 16
+    dtype: str = "float32"
+    max_length: int = 512  # reward model: tokens of prompt + response
+
+    def __post_init__(self) -> None:
+        check(self.kind in JUDGE_KINDS, "kind", f"must be one of {', '.join(JUDGE_KINDS)}; got {self.kind!r}")
+        check(bool(self.path), "path", "required: a model folder, a hub id, module:function or preset:tiny")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(not self.preference or self.kind == "callable", "preference", "only a callable judge returns "
+              "preference probabilities; reward models are turned into preferences by Bradley-Terry")
+
+
+ONLINE_SCHEDULES = ("step", "round")
+BUILDERS = ("best_vs_worst", "best_vs_k", "rso", "sppo", "pair")
+
+
+@dataclass
+class RolloutConfig:
+    """How the policy samples during online training (``online.generation``).
+
+    LLM: ``max_new_tokens``, ``temperature``, ``top_p``; ``mixture`` > 0 samples from the token-level geometric
+    mixture ``(1 - mixture) * log pi + mixture * log ref`` (IPO-MD / Nash-MD; 0.125 in the paper).
+    Diffusion: ``steps`` and ``guidance_scale`` of the pipeline's sampler.
+    prompts_per_batch: prompts sampled together (with their N samples each). Which prompts share a batch is fixed by
+        their positions in the prompt stream, so runs reproduce exactly across resumes, and across process counts
+        when this divides ``run.batch_size`` (the step schedule uses their greatest common divisor).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    mixture: float = 0.0
+    steps: int = 50
+    guidance_scale: float = 3.0
+    prompts_per_batch: int = 8
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.prompts_per_batch >= 1, "prompts_per_batch", "must be >= 1")
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(0 <= self.mixture < 1, "mixture", "must be in [0, 1)")
+        check(self.steps >= 1, "steps", "must be >= 1")
+
+
+@dataclass
+class RSOConfig:
+    """RSO's statistical rejection sampling: accept ``u < exp((r - r_max) / beta)`` until ``accept`` are kept."""
+
+    beta: float = 0.5
+    accept: int = 8
+
+    def __post_init__(self) -> None:
+        check(self.beta > 0, "beta", "must be > 0")
+        check(self.accept >= 2 and self.accept % 2 == 0, "accept", "must be an even number >= 2 (pairs are made)")
+
+
+@dataclass
+class OnlineConfig:
+    """The ``online:`` section: train on the policy's own samples, judged as they are drawn.
+
+    schedule: ``step`` (fresh rollouts for every optimizer step: online DPO, online IPO / IPO-MD; the run lasts
+        ``run.max_steps``) or ``round`` (a round samples for ``prompts_per_round`` prompts, saves the judged
+        rollouts, trains ``epochs_per_round`` epochs on them, and, with ``update_reference``, makes the policy the
+        next round's reference: SPPO, iterative DPO, iterative Tango 2).
+    prompts: a file of prompts (JSON/JSONL/CSV/Parquet with ``prompt_column``, or text with one per line).
+    samples: N responses per prompt. builder: how groups are made from them (``best_vs_worst``; ``best_vs_k``:
+        the best against the ``losers`` lowest; ``rso``: statistical rejection sampling then pairs; ``sppo``: the
+        best and the worst with their win probabilities as soft labels; ``pair``: two samples labelled by the
+        preference model, IPO-style).
+    """
+
+    prompts: str = ""
+    prompt_column: str = "prompt"
+    schedule: str = "step"
+    samples: int = 2
+    builder: str = "best_vs_worst"
+    losers: int = 1
+    judge: JudgeConfig | None = None
+    generation: RolloutConfig = field(default_factory=RolloutConfig)
+    rso: RSOConfig = field(default_factory=RSOConfig)
+    rounds: int = 1
+    prompts_per_round: int = 64
+    epochs_per_round: float = 1.0
+    update_reference: bool = False
+
+    def __post_init__(self) -> None:
+        check(bool(self.prompts), "prompts", "required: a file of prompts for the policy to answer")
+        check(self.judge is not None, "judge", "required: {kind: reward_model | callable | clap, path: ...}")
+        check(self.schedule in ONLINE_SCHEDULES, "schedule", f"must be one of {', '.join(ONLINE_SCHEDULES)}")
+        check(self.builder in BUILDERS, "builder", f"must be one of {', '.join(BUILDERS)}; got {self.builder!r}")
+        check(self.losers >= 1, "losers", "must be >= 1")
+        need = {"best_vs_worst": 2, "best_vs_k": self.losers + 1, "rso": self.rso.accept, "sppo": 2,
+                "pair": 2}[self.builder]
+        check(self.samples >= need, "samples", f"must be >= {need} for builder {self.builder!r} (got {self.samples})")
+        check(self.builder != "pair" or self.samples == 2, "samples", "builder 'pair' labels exactly 2 samples")
+        check(self.rounds >= 1 and self.prompts_per_round >= 1, "rounds", "rounds and prompts_per_round must be >= 1")
+        check(self.epochs_per_round > 0, "epochs_per_round", "must be > 0")
+        check(self.schedule == "round" or not self.update_reference, "update_reference",
+              "needs schedule: round (the reference moves at round boundaries)")
+
+
 @dataclass
 class TrainConfig:
     modality: str
@@ -142,6 +260,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    online: OnlineConfig | None = None  # train on the policy's own samples (see OnlineConfig)
 
 
 # ----- loading ------------------------------------------------------------------------------------------------------

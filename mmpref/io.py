@@ -25,6 +25,11 @@ from mmpref.errors import RunFolderError
 OWNER_FILE = ".mmpref-owner.json"
 
 
+def cache_root() -> Path:
+    """Where mmpref keeps caches it can rebuild: ``$MMPREF_CACHE_DIR``, else ``~/.cache/mmpref``."""
+    return Path(os.environ.get("MMPREF_CACHE_DIR") or Path.home() / ".cache" / "mmpref")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` to write to (any writer: ``save_file``, ``savefig``, soundfile); it

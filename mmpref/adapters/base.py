@@ -104,6 +104,13 @@ class Adapter(ABC):
         """Write the trained model (safetensors; adapters alone for LoRA) to ``path``."""
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / accelerate wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
 def resolve_reference(cfg: TrainConfig, objectives: Sequence[Objective],
                       unsupported: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
     """The reference a run uses: ``"none"`` when no objective needs one (nothing is loaded or copied, whatever

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
-from mmpref.adapters.base import Adapter, LossRequirements
+from mmpref.adapters.base import Adapter, LossRequirements, unwrap
 from mmpref.audio import normalize_wave, samples_for
-from mmpref.config import Objective, TrainConfig
+from mmpref.config import Objective, RolloutConfig, TrainConfig
 from mmpref.data.audio import (
     AudioIssue,
     AudioPreferenceDataConfig,
@@ -217,8 +217,15 @@ class DiffusionAdapter(Adapter):
         super().__init__(cfg, objectives)  # checks the objectives, resolves the reference mode
         self.mcfg: DiffusionModelConfig = cfg.model
         self.dcfg: AudioPreferenceDataConfig = cfg.data
-        self.index = load_preference_index(self.dcfg)
-        if self.index.num_losers == 0:
+        self.online = cfg.online is not None  # the data are the policy's own samples (mmpref.online)
+        self.index = load_preference_index(self.dcfg) if not self.online else None
+        if self.online and cfg.online.generation.mixture:
+            raise ConfigError("online.generation.mixture is token-level (LLM adapter); diffusion samples from the "
+                              "policy")
+        if self.online and cfg.online.update_reference and self.ref_mode != "copy":
+            raise ConfigError("online.update_reference copies the policy into the reference: it needs "
+                              "reference.mode=copy")
+        if self.index is not None and self.index.num_losers == 0:
             needs = next((o for o in self.objectives if o.loss.uses_losers), None)
             if needs is not None:
                 raise ConfigError(f"{needs.label} compares winners with losers, but the data has winners only "
@@ -233,7 +240,7 @@ class DiffusionAdapter(Adapter):
         self.device = torch.device("cpu")
         # None: the global RNG, seeded per process by the engine and saved in its checkpoints (exact resume)
         self.generator: torch.Generator | None = None
-        self._dataset = _TrainSet(len(self.index.groups))
+        self._dataset = _TrainSet(len(self.index.groups) if self.index is not None else 0)
         self._uncond: tuple[Tensor, Tensor] | None = None
         self._last: dict[str, Tensor] = {}
         self._wave_latent_shape: tuple[int, ...] | None = None
@@ -278,7 +285,7 @@ class DiffusionAdapter(Adapter):
 
     def data_fingerprint(self) -> str:
         """The preference file's contents and the grouping (not the audio files: those are checked by the cache)."""
-        return self.index.fingerprint
+        return self.index.fingerprint if self.index is not None else ""
 
     def setup(self, accelerator: Any) -> None:
         self.device = accelerator.device
@@ -287,6 +294,10 @@ class DiffusionAdapter(Adapter):
         self.pipe.log_mel.to(self.device)
         self.policy.to(self.device)
         self._place_reference()
+        if self.online:  # T5 and the VAE stay: every round encodes captions and decodes samples for the judge
+            hidden, mask = self.pipe.encode_text([""])
+            self._uncond = (hidden[0, : int(mask[0].sum())].float().cpu(), mask[0, : int(mask[0].sum())].cpu())
+            return
         groups = self._prepare_data(accelerator)
         if self.mcfg.cache:  # nothing below needs T5 or the VAE any more: free the device
             self.pipe.text_encoder.to("cpu")
@@ -436,8 +447,11 @@ class DiffusionAdapter(Adapter):
         if "wave" in rows[0]:
             return {"prompts": [r["prompt"] for r in rows], "wave": torch.stack([r["wave"] for r in rows])}
         hidden, mask = _pad_text([r["hidden"] for r in rows], [r["mask"] for r in rows])
-        return {"mean": torch.stack([r["mean"] for r in rows]), "std": torch.stack([r["std"] for r in rows]),
-                "hidden": hidden, "mask": mask}
+        batch = {"mean": torch.stack([r["mean"] for r in rows]), "std": torch.stack([r["std"] for r in rows]),
+                 "hidden": hidden, "mask": mask}
+        if "win_prob" in rows[0]:  # soft labels of online SPPO groups
+            batch["win_prob"] = torch.stack([torch.as_tensor(r["win_prob"]) for r in rows])
+        return batch
 
     # ----- scores -----------------------------------------------------------------------------------------------
     def scores(self, policy: nn.Module, batch: dict, loss: LossRequirements) -> Scores:
@@ -462,7 +476,9 @@ class DiffusionAdapter(Adapter):
         w = self.timestep_weight(draws["t"])[:, None]
         self._last = {"t": draws["t"], "mse_policy": pol.detach(), "mse_ref": None if ref is None else ref,
                       "dropped": draws["drop"]}
-        return Scores(policy=-0.5 * w * pol, reference=None if ref is None else -0.5 * w * ref)
+        win_prob = batch.get("win_prob") if members > 1 else None
+        return Scores(policy=-0.5 * w * pol, reference=None if ref is None else -0.5 * w * ref,
+                      win_prob=None if win_prob is None else win_prob.to(pol.device))
 
     def _group_size(self, batch: dict) -> int:
         return (batch["mean"] if "mean" in batch else batch["wave"]).shape[1]
@@ -562,6 +578,66 @@ class DiffusionAdapter(Adapter):
         return clipped / (snr + 1) if v else clipped / snr
 
     # ----- metrics and saving -----------------------------------------------------------------------------------
+    # ----- online: the policy's own samples (mmpref.online) ---------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, policy: nn.Module, prompts: Sequence[str], n: int, seeds: Sequence[int],
+               rollout: RolloutConfig) -> list[list[Tensor]]:
+        """``n`` latents ``(C, T', F')`` per caption from the current policy (the pipeline's own sampler), sample j
+        of caption i seeded by ``(seeds[i], j)`` alone; kept as they are, so training never re-encodes them."""
+        unet = self.pipe.unet
+        self.pipe.unet = unwrap(policy)
+        was = self.pipe.unet.training
+        self.pipe.unet.eval()
+        try:  # one batch; sample j of caption i driven by its own generator, seeded from (seeds[i], j)
+            gens = [torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), j]).generate_state(1)[0]))
+                    for seed in seeds for j in range(n)]
+            latents = self.pipe(list(prompts), duration_s=self.dcfg.duration_s, num_inference_steps=rollout.steps,
+                                guidance_scale=rollout.guidance_scale, generator=gens, num_samples_per_prompt=n,
+                                output_type="latent", attention_backends=self.mcfg.attention_backends).float()
+            return [list(latents[i * n:(i + 1) * n]) for i in range(len(prompts))]
+        finally:
+            self.pipe.unet.train(was)
+            self.pipe.unet = unet
+
+    @torch.no_grad()
+    def judge_inputs(self, rollouts: Sequence[Tensor]) -> list[np.ndarray]:
+        """What a judge hears: each latent decoded (VAE, vocoder) to a wave of ``data.duration_s``."""
+        n = samples_for(self.dcfg.duration_s, self.pipe.mel_config)
+        mel = self.pipe.decode_latents(torch.stack(list(rollouts)).to(self.device))
+        return [w[:n] for w in self.pipe.mel_to_wave(mel).float().cpu().numpy()]
+
+    @property
+    def rollout_sample_rate(self) -> int:
+        return self.pipe.mel_config.sample_rate
+
+    @torch.no_grad()
+    def group_row(self, index: int, prompt: str, members: Sequence[Tensor], win_prob: Sequence[float] | None) -> dict:
+        """One group in the cached layout: the samples themselves as posterior means (std 0) and the caption's
+        T5 encoding, so :meth:`collate` and :meth:`scores` serve it as they serve offline data."""
+        hidden, mask = self.pipe.encode_text([prompt])
+        n = int(mask[0].sum())
+        mean = torch.stack([m.float().cpu() for m in members])
+        row = {"mean": mean, "std": torch.zeros_like(mean), "hidden": hidden[0, :n].float().cpu(),
+               "mask": mask[0, :n].cpu()}
+        if win_prob is not None:
+            row["win_prob"] = torch.tensor(list(win_prob), dtype=torch.float32)
+        return row
+
+    def rollout_record(self, rollout: Tensor) -> Tensor:
+        return rollout.float().cpu()
+
+    def rollout_from_record(self, record: Tensor) -> Tensor:
+        return record
+
+    def reference_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
+
+    def set_reference(self, policy: nn.Module | None = None, state: dict[str, Tensor] | None = None) -> None:
+        """The frozen reference becomes the current policy (or ``state``): iterative Tango 2's previous round."""
+        if state is None:
+            state = {k: v.detach().clone() for k, v in unwrap(policy).state_dict().items()}
+        self.reference.load_state_dict(state)
+
     def step_metrics(self) -> dict[str, float]:
         """Winner/loser MSE of policy and reference, overall and per timestep bin; CFG-dropped share."""
         last = self._last

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,16 +30,17 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmpref.config import Objective, TrainConfig
-from mmpref.data.llm import LLMDataConfig, load_llm_data
+from mmpref.config import Objective, RolloutConfig, TrainConfig
+from mmpref.data.llm import LLMDataConfig, encode_prompt, load_llm_data
 from mmpref.data.udm import UDMConfig, udm_weights
 from mmpref.errors import ConfigError
 from mmpref.io import atomic_file
 from mmpref.losses import Scores
-from mmpref.models.sampling import generate_completions
+from mmpref.models.sampling import generate_completions, sample_batch
 from mmpref.sources import check_source, loading
+from mmpref.toy.llm import resolve_toy
 
-from .base import Adapter, LossRequirements
+from .base import Adapter, LossRequirements, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,6 @@ class LLMModelConfig:
     logprob_chunk_size: int = 256  # positions per chunk of the log-prob reduction
     kl_max_new_tokens: int = 64  # length of the policy samples scored by the ``kl`` regulariser
     trust_remote_code: bool = False
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / accelerate wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 @contextlib.contextmanager
@@ -124,7 +118,11 @@ class LLMAdapter(Adapter):
 
     def __init__(self, cfg: TrainConfig, objectives: Sequence[Objective] | None = None):
         super().__init__(cfg, objectives)  # checks the objectives, resolves the reference mode
-        self.mcfg: LLMModelConfig = cfg.model
+        # toy:llm, toy:prefs, toy:heldout (the tiny recipes' assets) become paths here, not in the saved config
+        self.mcfg: LLMModelConfig = replace(cfg.model, path=resolve_toy(cfg.model.path),
+                                            tokenizer=resolve_toy(cfg.model.tokenizer))
+        self.ref_path = resolve_toy(cfg.reference.path)
+        self.dcfg = replace(cfg.data, path=resolve_toy(cfg.data.path), eval_split=resolve_toy(cfg.data.eval_split))
         losses = [o.loss for o in self.objectives]
         self.unpaired = any(loss.unpaired for loss in losses)
         self.needs_kl = any(loss.needs_kl for loss in losses)
@@ -133,8 +131,8 @@ class LLMAdapter(Adapter):
         check_source(self.mcfg.path, "model.path", "a causal LM folder saved with save_pretrained, or a hub id")
         if self.mcfg.tokenizer:
             check_source(self.mcfg.tokenizer, "model.tokenizer", "a tokenizer folder or a hub id")
-        if cfg.reference.path:
-            check_source(cfg.reference.path, "reference.path", "a causal LM folder or a hub id")
+        if self.ref_path:
+            check_source(self.ref_path, "reference.path", "a causal LM folder or a hub id")
         tok_key, tok_source = ("model.tokenizer", self.mcfg.tokenizer) if self.mcfg.tokenizer else \
             ("model.path", self.mcfg.path)
         with loading(tok_key, tok_source, "a tokenizer (saved with save_pretrained)", "model.trust_remote_code"):
@@ -144,19 +142,23 @@ class LLMAdapter(Adapter):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.policy = self._load_policy()
         self.reference = (
-            self._load_model(self.cfg.reference.path, self.cfg.reference.dtype, frozen=True)
+            self._load_model(self.ref_path, self.cfg.reference.dtype, frozen=True)
             if (self.ref_mode == "copy")
             else None
         )
+        self._last: dict[str, float] = {}
+        if cfg.online is not None:  # the data are the policy's own samples (mmpref.online)
+            self._check_online(cfg)
+            self._train = self._eval = None
+            return
         self._train, self._eval = load_llm_data(
-            cfg.data, self.tokenizer, seed=cfg.run.seed, unpaired=self.unpaired, with_kl=self.needs_kl
+            self.dcfg, self.tokenizer, seed=cfg.run.seed, unpaired=self.unpaired, with_kl=self.needs_kl
         )
         if "completion_ids" in self._train.column_names and "label" in self._train.column_names and not self.unpaired:
-            raise ConfigError(f"data.path: {cfg.data.path} holds unpaired rows (prompt, completion, label); they need "
+            raise ConfigError(f"data.path: {self.dcfg.path} holds unpaired rows (prompt, completion, label); they need "
                               "an unpaired loss such as kto or bco")
-        if cfg.data.udm is not None:
-            self._add_udm_weights(cfg.data.udm)
-        self._last: dict[str, float] = {}
+        if self.dcfg.udm is not None:
+            self._add_udm_weights(self.dcfg.udm)
 
     def _add_udm_weights(self, udm: UDMConfig) -> None:
         """A ``udm_weight`` column on the train (and eval) rows: BCO's prompt density ratios (mmpref.data.udm)."""
@@ -240,6 +242,8 @@ class LLMAdapter(Adapter):
             batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows])
             if "udm_weight" in rows[0]:
                 batch["udm_weight"] = torch.tensor([r["udm_weight"] for r in rows])
+        if "win_prob" in rows[0]:  # soft labels (SPPO): one probability per completion
+            batch["win_prob"] = torch.tensor([r["win_prob"] for r in rows], dtype=torch.float32)
         if "ref" in rows[0]:  # cached reference scores, in the same row order
             refs = [x for r in rows for x in r["ref"]] + [r["kl_ref"] for r in rows if "kl_ref" in r]
             batch["ref"] = torch.tensor(refs, dtype=torch.float32)
@@ -288,6 +292,7 @@ class LLMAdapter(Adapter):
             out.reference = ref[:b] if loss.needs_reference else None
         else:
             out = Scores(**{k: None if v is None else v.view(b, -1) for k, v in vars(out).items()})
+            out.win_prob = batch.get("win_prob")
             if loss.needs_kl:
                 out.kl_policy, out.kl_reference = self.sampled_kl_scores(policy, batch)
         self._last = {"tokens/completion": float(lengths.float().mean()), "tokens/rows": float(len(lengths))}
@@ -319,6 +324,64 @@ class LLMAdapter(Adapter):
     def step_metrics(self) -> dict[str, float]:
         return dict(self._last)
 
+    # ----- online: the policy's own samples (mmpref.online) ---------------------------------------------------------
+    def _check_online(self, cfg: TrainConfig) -> None:
+        if self.unpaired:
+            raise ConfigError("online: unpaired losses (kto, bco) train on labelled rows; online rollouts make "
+                              "winner/loser groups: use a grouped loss (dpo, ipo, sppo, ...)")
+        if self.ref_mode == "cached":
+            raise ConfigError("reference.mode=cached cannot score samples drawn during training; use copy or lora")
+        if cfg.online.generation.mixture and self.ref_mode != "copy":
+            raise ConfigError("online.generation.mixture samples from the policy and a reference model: it needs "
+                              "reference.mode=copy")
+        if cfg.online.update_reference and self.ref_mode != "copy":
+            raise ConfigError("online.update_reference copies the policy into the reference: it needs "
+                              "reference.mode=copy")
+
+    def sample(self, policy: nn.Module, prompts: Sequence[Any], n: int, seeds: Sequence[int],
+               rollout: RolloutConfig) -> list[list[list[int]]]:
+        """``n`` completions (token ids) per prompt, all prompts in one batch; prompt i's randomness is ``seeds[i]``
+        alone (the batch's padding still depends on which prompts share it: the online source fixes that)."""
+        model = unwrap(policy)
+        with eval_mode(model):
+            return sample_batch(model, [self.prompt_ids(p) for p in prompts], n, self.tokenizer.eos_token_id,
+                                rollout.max_new_tokens, [torch.Generator().manual_seed(int(s)) for s in seeds],
+                                pad_id=self.tokenizer.pad_token_id, reference=self.reference, mixture=rollout.mixture,
+                                temperature=rollout.temperature, top_p=rollout.top_p)
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """A prompt's token ids as training sees them (chat template for message lists), cut to max_prompt_length."""
+        ids = encode_prompt(self.tokenizer, prompt)
+        mp = self.dcfg.max_prompt_length
+        return ids[-mp:] if mp else ids
+
+    def judge_inputs(self, rollouts: Sequence[list[int]]) -> list[str]:
+        """What a judge reads: the decoded completions."""
+        return self.tokenizer.batch_decode(list(rollouts), skip_special_tokens=True)
+
+    def group_row(self, index: int, prompt: Any, members: Sequence[list[int]],
+                  win_prob: Sequence[float] | None) -> dict:
+        """One group in the offline layout (winner first), so :meth:`collate` and :meth:`scores` serve it as is."""
+        row = {"idx": index, "prompt_ids": self.prompt_ids(prompt), "completion_ids": [list(m) for m in members]}
+        if win_prob is not None:
+            row["win_prob"] = list(win_prob)
+        return row
+
+    def rollout_record(self, rollout: list[int]) -> list[int]:
+        return list(rollout)
+
+    def rollout_from_record(self, record: Any) -> list[int]:
+        return list(record)
+
+    def reference_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
+
+    def set_reference(self, policy: nn.Module | None = None, state: dict[str, Tensor] | None = None) -> None:
+        """The reference becomes the current policy (or ``state``): SPPO's previous iterate."""
+        if state is None:
+            state = {k: v.detach().clone() for k, v in unwrap(policy).state_dict().items()}
+        self.reference.load_state_dict(state)
+
     # ----- setup: device placement and the reference cache --------------------------------------------------------
     def setup(self, accelerator: Any) -> None:
         if self.reference is not None:
@@ -330,8 +393,8 @@ class LLMAdapter(Adapter):
 
     def _attach_cache(self, accelerator: Any, ds: Any, split: str) -> Any:
         """Add ``ref`` (and ``kl_ref``) columns of reference log-probs, computed once and stored on disk."""
-        model = self.policy if not (self.cfg.reference.path or self.cfg.reference.dtype) else None
-        model = model or self._load_model(self.cfg.reference.path, self.cfg.reference.dtype, frozen=True)
+        model = self.policy if not (self.ref_path or self.cfg.reference.dtype) else None
+        model = model or self._load_model(self.ref_path, self.cfg.reference.dtype, frozen=True)
         cache_dir = self.cfg.reference.cache_dir or os.path.join(self.cfg.run.output_dir, "reference_cache")
         path = os.path.join(cache_dir, f"{split}-{self.cache_fingerprint(ds, model)}.safetensors")
         with accelerator.main_process_first():
@@ -371,7 +434,7 @@ class LLMAdapter(Adapter):
     def cache_fingerprint(self, ds: Any, model: nn.Module) -> str:
         """Hash of the tokenised rows, the reference weights (LoRA weights excluded) and tokenisation settings."""
         h = hashlib.blake2b(digest_size=16)
-        d = self.cfg.data
+        d = self.dcfg
         settings = [d.max_length, d.max_prompt_length, self.unpaired, self.needs_kl, type(unwrap(model)).__name__]
         h.update(json.dumps(settings).encode())
         cols = [c for c in ("prompt_ids", "completion_ids", "kl_completion_ids") if c in ds.column_names]

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from mmpref.audio import AudioFileError, load_audio, resample
 from mmpref.data.tables import Table, load_table
 from mmpref.errors import DataError, MmprefError
-from mmpref.io import atomic_dir
+from mmpref.io import atomic_dir, cache_root
 from mmpref.toy.tones import make_tiny_preference_set
 from mmpref.yaml_config import check
 
@@ -74,10 +74,6 @@ class AudioPreferenceDataConfig:
         check(self.duration_s > 0, "duration_s", f"must be > 0, got {self.duration_s!r}")
         check(self.num_losers is None or self.num_losers >= 0, "num_losers", f"must be null or >= 0, got "
               f"{self.num_losers!r}")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MMPREF_CACHE_DIR") or Path.home() / ".cache" / "mmpref")
 
 
 # ---------------------------------------------------------------------------------------------- the index

@@ -5,6 +5,8 @@ Accepted layouts (``schema: auto`` detects them from the columns):
 - ``pairs``: ``prompt``, ``chosen``, ``rejected`` strings.
 - ``sets``: ``prompt``, ``chosen`` and ``rejected`` as a list of K strings (the same K on every row).
 - ``unpaired``: ``prompt``, ``completion``, ``label`` (bool or 0/1; True = desirable), for kto/bco.
+- Grouped data may carry soft labels in ``win_prob``: ``P(chosen wins)`` for pairs, or one probability per
+  completion (winner first) for sets; they reach ``Scores.win_prob`` (SPPO trains on them).
 - ``conversational``: any of the above where the prompt is a list of ``{role, content}`` messages and the
   completions are messages (or strings); rendered with the tokenizer's chat template.
 
@@ -48,6 +50,7 @@ class LLMDataConfig:
     rejected_column: str = "rejected"
     completion_column: str = "completion"
     label_column: str = "label"
+    win_prob_column: str = "win_prob"  # optional soft labels (SPPO): P(chosen wins), or one per completion (sets)
     max_length: int = 1024  # prompt + completion tokens; completion tails are cut to fit (with a warning)
     max_prompt_length: int | None = None  # prompts longer than this keep their last tokens
     eval_split: str | None = None  # a split name, or a file path
@@ -131,7 +134,22 @@ def row_issues(row: dict[str, Any], layout: str, conversational: bool, cfg: LLMD
         issues.append("chosen == rejected")
     if k is not None and len(losers) != k:
         issues.append(f"number of rejected differs from K={k}")
+    if cfg.win_prob_column in row:  # the column is all or nothing: a batch has soft labels or hard ones
+        if win_probs(row[cfg.win_prob_column], 1 + len(losers)) is None:
+            issues.append(f"{cfg.win_prob_column} not a probability (pairs) or one per completion (sets) in [0, 1]")
     return issues
+
+
+def win_probs(value: Any, n: int) -> list[float] | None:
+    """Soft labels for ``n`` completions (winner first): a pair's ``P(chosen wins)`` gives ``[p, 1 - p]``; a list
+    must hold ``n`` probabilities. None when ``value`` is neither."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and n == 2:
+        value = [float(value), 1.0 - float(value)]
+    if not isinstance(value, list) or len(value) != n:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in value):
+        return None
+    return [float(v) for v in value]
 
 
 def format_report(issues: dict[str, list[int]], where: str, table: Table) -> str:
@@ -142,6 +160,14 @@ def format_report(issues: dict[str, list[int]], where: str, table: Table) -> str
 
 
 # ----- rendering and tokenisation -----------------------------------------------------------------------------------
+def encode_prompt(tok: PreTrainedTokenizerBase, prompt: Any) -> list[int]:
+    """A prompt's token ids as a completion follows them: the chat template (with its generation prompt) for a
+    list of messages, the tokenizer's own special tokens (e.g. BOS) for plain text."""
+    if isinstance(prompt, list):
+        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt, add_special_tokens=True)["input_ids"]
+
 class Tokenize:
     """Raw row -> prompt ids and completion ids, rendering chat templates; truncation keeps the prompt."""
 
@@ -189,6 +215,8 @@ class Tokenize:
         out = {"prompt_ids": prompt_ids, "completion_ids": comp_ids, "truncated": truncated}
         if self.layout == "unpaired":
             out["label"] = bool(row[self.cfg.label_column])
+        elif self.cfg.win_prob_column in row:
+            out["win_prob"] = win_probs(row[self.cfg.win_prob_column], len(comp_ids))
         return out
 
 

@@ -55,8 +55,8 @@ def judge_stage(cfg: DemoConfig, out: Path) -> dict:
     import hashlib
     import shutil
 
-    from mmpref.data.audio import cache_root
     from mmpref.demo.judge import Judge, evaluate
+    from mmpref.io import cache_root
 
     def fit() -> dict:
         world = World0(cfg)

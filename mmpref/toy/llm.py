@@ -99,3 +99,44 @@ def synthetic_preferences(n: int, seed: int = 0, losers: int = 1) -> list[dict]:
             {"prompt": prompt, "chosen": " " + words(GOOD_WORDS), "rejected": rejected if losers > 1 else rejected[0]}
         )
     return rows
+
+
+# ----- ready-made assets: `toy:llm`, `toy:prefs`, `toy:heldout` in a config ----------------------------------------
+TOY_PREFIX = "toy:"
+_TOY_FILES = {"llm": "model", "prefs": "prefs.jsonl", "heldout": "heldout.jsonl", "captions": "captions.txt"}
+# captions for the tiny Tango recipes: what the tone preference set (mmpref.toy.tones) asks for
+_CAPTIONS = [f"a {rhythm} {pitch} pitched beep" for rhythm in ("steady", "pulsing", "fast beeping")
+             for pitch in ("low", "middle", "high", "very high")]
+
+
+def resolve_toy(value: str) -> str:
+    """``toy:llm`` / ``toy:prefs`` / ``toy:heldout`` -> the path of a tiny Llama / its 512 training preference pairs /
+    128 held-out pairs (:func:`synthetic_preferences`); ``toy:captions`` -> 12 tone captions (one per line) for the
+    tiny Tango recipes; built once under the cache root; anything else unchanged.
+    They make the tiny recipes (``configs/*_tiny.yaml``) run anywhere, with nothing downloaded."""
+    if not isinstance(value, str) or not value.startswith(TOY_PREFIX):
+        return value
+    name = value[len(TOY_PREFIX):]
+    if name not in _TOY_FILES:
+        from mmpref.errors import ConfigError
+
+        raise ConfigError(f"{value!r}: unknown toy asset; choose one of {', '.join('toy:' + n for n in _TOY_FILES)}")
+    return str(toy_assets() / _TOY_FILES[name])
+
+
+def toy_assets() -> Path:
+    """The folder of the toy assets (model, prefs.jsonl, heldout.jsonl), written atomically on first use."""
+    import json
+
+    from mmpref.io import atomic_dir, cache_root
+
+    root = cache_root() / "toy" / "v2"
+    if not (root / "captions.txt").exists():
+        with atomic_dir(root, replace=False) as tmp:  # another process may build the same: the first wins
+            train, heldout = synthetic_preferences(512, seed=0), synthetic_preferences(128, seed=1)
+            for name, rows in (("prefs.jsonl", train), ("heldout.jsonl", heldout)):
+                (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (tmp / "captions.txt").write_text("".join(c + "\n" for c in _CAPTIONS))
+            texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in train]
+            build_tiny_llama(tmp / "model", texts, vocab_size=400, hidden_size=64, intermediate_size=128)
+    return root

@@ -1,11 +1,12 @@
 """The training loop: one accelerate loop for every modality and every loss. Read it top to bottom.
 
 folder = run_folder.inspect(cfg)                    # new, resume or overwrite: decided before anything is written
-adapter = get_adapter_class(cfg.modality)(cfg)      # models + dataset of one modality, validated
+adapter = get_adapter_class(cfg.modality)(cfg, objectives)  # models + data of one modality, validated
 run_folder.commit(...)                              # only now: config.yaml, run.json
+stream = dataset batches, or the policy's own samples judged as they are drawn (cfg.online)
 for step in range(start, total):                    # global optimizer steps
     phase = phase_at(plan, step)                    # pure function of the step: same on every process
-    for _ in range(grad_accum):                     # micro-batches
+    for _ in range(grad_accum):                     # micro-batches from the stream
         scores = adapter.scores(policy, batch, loss); loss(scores).loss.backward()
     clip, optimizer.step, scheduler.step, log, checkpoint
 """
@@ -42,6 +43,7 @@ from mmpref.config import OptimConfig, RunConfig, TrainConfig, build_objectives,
 from mmpref.errors import CheckpointError, MmprefError, writing_to
 from mmpref.io import atomic_dir, write_text_atomic
 from mmpref.modalities import get_adapter_class
+from mmpref.online.source import OnlineSource
 
 from . import run_folder
 from .checkpoint import flatten_loss_states, load_checkpoint, newest_intact, save_checkpoint
@@ -111,18 +113,24 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
     accelerator.wait_for_everyone()  # every process has inspected the folder before the main process claims it
     if accelerator.is_main_process:
         run_folder.commit(folder, cfg, adapter.data_fingerprint())
-    loader = DataLoader(
-        adapter.train_dataset,  # after setup: it may replace the dataset (e.g. add cached reference columns)
-        batch_size=run.batch_size,
-        shuffle=True,
-        collate_fn=adapter.collate,
-        num_workers=run.num_workers,
-        generator=torch.Generator().manual_seed(run.seed),  # keeps DataLoader seeding off the global RNG
-    )
     optimizer = _adamw(adapter.policy, cfg.optim)
-    policy, optimizer, loader = accelerator.prepare(adapter.policy, optimizer, loader)
+    if cfg.online is None:  # batches from the dataset
+        loader = DataLoader(
+            adapter.train_dataset,  # after setup: it may replace the dataset (e.g. add cached reference columns)
+            batch_size=run.batch_size,
+            shuffle=True,
+            collate_fn=adapter.collate,
+            num_workers=run.num_workers,
+            generator=torch.Generator().manual_seed(run.seed),  # keeps DataLoader seeding off the global RNG
+        )
+        policy, optimizer, loader = accelerator.prepare(adapter.policy, optimizer, loader)
+        stream = _DatasetStream(accelerator, loader, run.grad_accum)
+        plan = plan_phases(cfg, batches_per_epoch=len(loader))
+    else:  # batches from the policy's own samples, judged as they are drawn
+        policy, optimizer = accelerator.prepare(adapter.policy, optimizer)
+        stream = OnlineSource(cfg, adapter, accelerator, out)
+        plan = [Phase(0, objectives[0].phase, 0, stream.total_steps)]
     eval_loader = _eval_loader(accelerator, adapter, run)
-    plan = plan_phases(cfg, batches_per_epoch=len(loader))
     total = plan[-1].end
     scheduler = get_scheduler(
         {"constant": "constant_with_warmup"}.get(cfg.optim.scheduler, cfg.optim.scheduler),
@@ -146,7 +154,7 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
         accelerator.init_trackers("mmpref", config=_flat(config_to_dict(cfg)))
 
     # ----- the loop -----------------------------------------------------------------------------------------------
-    batches = _micro_batches(accelerator, loader, first=step * run.grad_accum)
+    batches = stream.batches(policy, first=step * run.grad_accum)
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     last: dict[str, float] = {}
     phase: Phase | None = None
@@ -165,7 +173,8 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
                     res = loss(adapter.scores(policy, next(batches), loss))
                     accelerator.backward(res.loss)
                 finite &= bool(torch.isfinite(res.loss.detach()))
-                local.append({**_floats(res.metrics), **adapter.step_metrics(), "loss": res.loss.item()})
+                local.append({**_floats(res.metrics), **adapter.step_metrics(), **stream.step_metrics(),
+                              "loss": res.loss.item()})
             assert accelerator.sync_gradients, "accumulation window out of step with grad_accum"
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm or math.inf)
             if run.mixed_precision != "fp16":  # fp16's scaler skips inf steps by design; elsewhere they corrupt
@@ -182,13 +191,13 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
         if step % run.log_every == 0 or step == total:
             last = _mean_over_processes(_mean(local))
             last.update(step=step, phase=phase.name, lr=lr, grad_norm=float(grad_norm))
-            last.update(epoch=step * run.grad_accum / len(loader), elapsed_s=time.perf_counter() - started)
+            last.update(epoch=stream.epoch(step), elapsed_s=time.perf_counter() - started)
             _log(accelerator, metrics_file, last)
             bar.set_postfix(loss=f"{last['loss']:.4g}", phase=phase.name)
         if eval_loader is not None and step % run.eval_every == 0:
             _log(accelerator, metrics_file, {"step": step, **_evaluate(adapter, policy, loss, eval_loader)})
         if step % run.save_every == 0 or step == total:
-            state = {"phase": phase.name, "epoch": step * run.grad_accum // len(loader)}
+            state = {"phase": phase.name, "epoch": stream.epoch(step)}
             ckpt = save_checkpoint(accelerator, out, step, state, keep=run.keep_checkpoints, scheduler=scheduler,
                                    loss_states=flatten_loss_states(losses))
     bar.close()
@@ -220,13 +229,26 @@ def _agreed(accelerator: Accelerator, fn: Any) -> Any:
 
 
 # ----- pieces of the loop -------------------------------------------------------------------------------------------
-def _micro_batches(accelerator: Accelerator, loader: Any, first: int) -> Iterator[dict]:
-    """An endless stream of batches over epochs, starting at micro-batch ``first`` (0 for a fresh run)."""
-    epoch, skip = divmod(first, len(loader))
-    while True:
-        loader.set_epoch(epoch)
-        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
-        epoch, skip = epoch + 1, 0
+class _DatasetStream:
+    """The batches of an offline run: the prepared DataLoader, epoch after epoch (an online run's counterpart is
+    :class:`mmpref.online.source.OnlineSource`)."""
+
+    def __init__(self, accelerator: Accelerator, loader: Any, grad_accum: int):
+        self.accelerator, self.loader, self.grad_accum = accelerator, loader, grad_accum
+
+    def batches(self, policy: nn.Module, first: int) -> Iterator[dict]:
+        """An endless stream of batches over epochs, starting at micro-batch ``first`` (0 for a fresh run)."""
+        epoch, skip = divmod(first, len(self.loader))
+        while True:
+            self.loader.set_epoch(epoch)
+            yield from self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            epoch, skip = epoch + 1, 0
+
+    def epoch(self, step: int) -> float:
+        return step * self.grad_accum / len(self.loader)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
 
 
 @contextmanager
