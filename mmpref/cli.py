@@ -1,7 +1,7 @@
 """The ``mmpref`` command: one entry point, one subcommand per job.
 
     mmpref train CONFIG [key=value ...]     train with any adapter and loss (configs/*.yaml)
-    mmpref generate --model DIR ...         text -> WAV with a trained Tango pipeline
+    mmpref generate --model DIR ...         samples of a trained policy: WAVs (Tango) or text (causal LM)
     mmpref synth CONFIG [key=value ...]     synthetic audio preference sets (perturb, generate, CLAP-rank)
     mmpref demo [--quick] [--modality text] the offline end-to-end demo
     mmpref losses                           list the losses in the core
@@ -24,7 +24,7 @@ from mmpref.errors import debug_enabled, describe
 # subcommand -> (module with a ``main(argv) -> int | None``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmpref.cli", "train a policy from a YAML config: mmpref train CONFIG [key=value ...]"),
-    "generate": ("mmpref.models.tango.generate", "generate audio with a Tango pipeline"),
+    "generate": ("mmpref.generate", "samples from a trained policy: audio (Tango pipeline) or text (causal LM)"),
     "synth": ("mmpref.synthesis.run", "generate a synthetic audio preference dataset"),
     "demo": ("mmpref.demo.main", "run the offline demo (sound-event world or --modality text)"),
     "losses": ("mmpref.cli", "list the available losses and their parameters"),

@@ -16,7 +16,9 @@ from mmpref.config import load_config
 from mmpref.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-LLM_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("llm_*.yaml"))
+LLM_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("llm_*.yaml") if load_config(p).online is None)
+ONLINE_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name.startswith(("llm_", "tango2_"))
+                        and load_config(p).online is not None)
 
 # The logged loss of step 1, computed before any update, when the policy still equals its reference (every log-ratio
 # margin is 0), from the formula sheet: dpo/rdpo/bco -log sigmoid(0) = log 2 (rdpo: (1-e) log 2 - e log 2 over
@@ -92,3 +94,41 @@ def test_tango2_config_is_the_published_recipe():
     assert [p.name for p in tiny.phases] == ["sft", "dpo"] and tiny.model.pipeline == "tiny"
     assert (tiny.model.prediction_type, tiny.model.weighting) == ("v_prediction", "none")
     assert tiny.data.path.startswith("tiny:") and tiny.run.cpu
+
+
+def test_every_online_recipe_has_a_tiny_twin():
+    shipped = set(ONLINE_CONFIGS) | {"llm_spo.yaml"}
+    assert {"llm_rso.yaml", "llm_sppo.yaml", "llm_online_ipo.yaml", "llm_ipo_md.yaml", "llm_online_dpo.yaml",
+            "llm_spo.yaml", "tango2_online.yaml"} <= shipped
+    for name in shipped - {n for n in shipped if n.endswith("_tiny.yaml")}:
+        assert (ROOT / "configs" / name.replace(".yaml", "_tiny.yaml")).exists(), name
+
+
+# The first logged loss of each tiny recipe, before any update (policy == reference, so every margin is 0):
+# dpo log 2; ipo (0 - 1/(2 tau))^2 = 25 (tau 0.1); hinge max(0, 1 - gamma * 0) = 1; sppo with hard-by-preference
+# soft labels (P_w, P_l): (0 - (P_w - 1/2)/beta)^2 + (0 - (P_l - 1/2)/beta)^2 with beta 1e-3, checked from the
+# saved rollouts below; spo -(1/alpha) log sigmoid(alpha * (lp_w - lp_l)) is not a constant (reference-free).
+TINY_FIRST_LOSS = {"llm_online_dpo_tiny.yaml": math.log(2), "llm_online_ipo_tiny.yaml": 25.0,
+                   "llm_ipo_md_tiny.yaml": 25.0, "llm_rso_tiny.yaml": 1.0, "tango2_online_tiny.yaml": math.log(2)}
+
+
+@pytest.mark.parametrize("name", ["llm_online_dpo_tiny.yaml", "llm_online_ipo_tiny.yaml", "llm_ipo_md_tiny.yaml",
+                                  "llm_rso_tiny.yaml", "llm_sppo_tiny.yaml", "llm_spo_tiny.yaml",
+                                  "tango2_online_tiny.yaml"])
+def test_tiny_recipe_runs_from_the_cli(name, tmp_path, capsys):
+    """Each tiny twin, as shipped, through `mmpref train` (toy model, toy prompts, a rule or a tiny CLAP as judge)."""
+    from mmpref.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs" / name), f"run.output_dir={out}"]) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(math.isfinite(m["loss"]) for m in logged)
+    if name in TINY_FIRST_LOSS:
+        assert logged[0]["loss"] == pytest.approx(TINY_FIRST_LOSS[name], rel=1e-5)
+    if name == "llm_sppo_tiny.yaml":
+        records = [json.loads(x) for x in (out / "rollouts" / "round-0000" / "records.jsonl").read_text().splitlines()]
+        p = [[g[1] for g in r["groups"]][0] for r in records]  # (P_winner, P_loser) per prompt
+        losses = [((pw - 0.5) / 1e-3) ** 2 + ((pl - 0.5) / 1e-3) ** 2 for pw, pl in p]
+        assert min(losses) * (1 - 1e-6) <= logged[0]["loss"] <= max(losses) * (1 + 1e-6)  # a mean of 8 of them
+    if load_config(ROOT / "configs" / name).online is not None:
+        assert (out / "rollouts").is_dir()

@@ -59,6 +59,33 @@ def _llm_run(tmp: Path) -> dict:
     }
 
 
+def _online_run(tmp: Path, schedule: str, batch_size: int, out: str) -> dict:
+    """Online training of the LLM run's tiny Llama: the policy's own samples, judged by a rule (a callable)."""
+    raw = _llm_run_base(tmp)
+    raw["run"].update(batch_size=batch_size, output_dir=str(tmp / out), max_steps=None if schedule == "round" else 3)
+    raw["optim"]["lr"] = 5e-3
+    builder, judge = ("sppo", "helpers.judges:letter_preference") if schedule == "round" else \
+        ("best_vs_worst", "helpers.judges:letter_reward")
+    raw["online"] = {"prompts": str(tmp / "prefs.jsonl"), "schedule": schedule, "builder": builder, "samples": 4,
+                     "judge": {"kind": "callable", "path": judge, "preference": schedule == "round"},
+                     "generation": {"max_new_tokens": 6, "prompts_per_batch": 2}, "rounds": 2, "prompts_per_round": 8,
+                     "update_reference": schedule == "round"}
+    return raw
+
+
+def _llm_run_base(tmp: Path) -> dict:
+    """The LLM run's config on its existing model and data (written by :func:`_llm_run`)."""
+    return {
+        "modality": "llm",
+        "model": {"path": str(tmp / "model"), "logprob_chunk_size": 16},
+        "data": {"path": str(tmp / "prefs.jsonl"), "max_length": 48},
+        "loss": {"dpo": {"beta": 0.1}},
+        "optim": {"lr": 1.0e-3, "warmup_steps": 0},
+        "run": {"batch_size": 2, "max_steps": 3, "cpu": True, "output_dir": str(tmp / "run"), "log_every": 1,
+                "save_every": 100, "resume": False},
+    }
+
+
 def _write(raw: dict, path: Path) -> str:
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -70,10 +97,13 @@ def launched(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mp")
     (root / "toy").mkdir()
     (root / "llm").mkdir()
-    runs = {"toy": root / "toy" / "run", "llm": root / "llm" / "run", "diffusion": root / "diffusion"}
+    runs = {"toy": root / "toy" / "run", "llm": root / "llm" / "run", "diffusion": root / "diffusion",
+            "online_step": root / "llm" / "online_step", "online_round": root / "llm" / "online_round"}
     plan = [
         {"config": _write(_toy_run(root / "toy"), root / "toy.yaml")},
         {"config": _write(_llm_run(root / "llm"), root / "llm.yaml")},
+        {"config": _write(_online_run(root / "llm", "step", 2, "online_step"), root / "online_step.yaml")},
+        {"config": _write(_online_run(root / "llm", "round", 2, "online_round"), root / "online_round.yaml")},
         {  # the shipped tiny Tango 2 recipe, on 8 groups: 2 steps of SFT, then 2 of DPO (2 groups per process)
             "config": str(ROOT / "configs" / "tango2_dpo_tiny.yaml"),
             "overrides": ["data.path=tiny:8:1", "run.batch_size=2", f"run.output_dir={runs['diffusion']}"],
@@ -178,3 +208,25 @@ def test_diffusion_every_process_in_the_same_phase_with_synced_params(launched):
     assert any(not torch.equal(synced[n], start[n]) for n in start), "four steps should change the UNet"
     final = TangoPipeline.from_pretrained(out / "final").unet.state_dict()
     assert all(torch.equal(final[n], synced[n]) for n in synced)
+
+
+@pytest.mark.parametrize("schedule", ["step", "round"])
+def test_online_rollouts_shard_over_processes_and_equal_one_process(launched, schedule, tmp_path):
+    """Two processes sampling 2 prompts each per micro-batch train the weights one process sampling 4 trains:
+    each prompt's samples depend on its position in the prompt stream alone (per-step and per-round schedules;
+    the round schedule gathers the round's rollouts and moves the reference at the round boundary)."""
+    out = launched[f"online_{schedule}"]
+    assert_two_processes_ran(out)
+    synced = assert_same_params(out)
+    tmp = out.parent
+    single = train(config_from_dict(_online_run(tmp, schedule, 4, f"single_{schedule}_{tmp_path.name}")))
+    assert single.step == len(scores_log(out, 0)) == (3 if schedule == "step" else 4)
+    for name, value in single.policy.state_dict().items():  # float32 all-reduce vs one batch: rounding only
+        torch.testing.assert_close(synced[name], value, rtol=1e-4, atol=1e-5)
+    if schedule == "step":  # each rank logged its own prompts: positions 0-1 / 2-3 of each 4-prompt micro-batch
+        logs = [[json.loads(x) for x in (out / "rollouts" / f"steps-rank{r}.jsonl").read_text().splitlines()]
+                for r in RANKS]
+        assert [rec["position"] for rec in logs[0][:2]] == [0, 1] and [rec["position"] for rec in logs[1][:2]] == [2, 3]
+    else:  # one saved round file with every prompt, drawn by both ranks
+        records = (out / "rollouts" / "round-0000" / "records.jsonl").read_text().splitlines()
+        assert [json.loads(x)["position"] for x in records] == list(range(8))

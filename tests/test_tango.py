@@ -204,7 +204,7 @@ def test_tango_preset_architecture():
 
 
 def test_generate_cli(pipe, tmp_path):
-    from mmpref.models.tango.generate import main
+    from mmpref.generate import main
 
     pipe.save_pretrained(tmp_path / "m")
     (tmp_path / "prompts.txt").write_text("rain falls\n\nthunder\n")
@@ -261,7 +261,7 @@ def test_griffin_lim_vocoder_round_trips(pipe, tmp_path):
 
 
 def test_generate_cli_without_neural_vocoder(pipe, tmp_path):
-    from mmpref.models.tango.generate import main
+    from mmpref.generate import main
 
     _without_neural_vocoder(pipe, None).save_pretrained(tmp_path / "m")
     rc = main(["--model", str(tmp_path / "m"), "--prompt", "a beep, then a bell", "--out", str(tmp_path / "out"),

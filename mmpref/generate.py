@@ -1,9 +1,13 @@
-"""``mmpref generate``: text-to-audio with a saved :class:`TangoPipeline` (or a preset), WAVs written atomically.
+"""``mmpref generate``: samples from a trained policy, to listen to or read what it learned.
 
     mmpref generate --model DIR --prompt "a dog barks" [--prompt ...] [--prompts-file F] --out DIR \\
         [--steps 100] [--guidance 3.0] [--duration 10.0] [--seed 0] [--num-samples 1] [--batch-size N]
+    mmpref generate --model LLM_DIR --prompts-file prompts.txt --out DIR \\
+        [--max-new-tokens 128] [--temperature 1.0] [--top-p 1.0] [--greedy] [--seed 0] [--num-samples 1]
 
-Output: ``{index:05d}_{sample}_{slug}.wav`` per clip and ``generations.jsonl`` (prompt, file, seed, settings).
+A :class:`TangoPipeline` folder (or ``preset:NAME``) gives audio: ``{index:05d}_{sample}_{slug}.wav`` per clip. A
+causal LM folder (any ``AutoModelForCausalLM`` saved with ``save_pretrained``, e.g. ``mmpref train``'s ``final/``)
+gives text. Either way ``generations.jsonl`` records each sample (prompt, file or completion, seed, settings).
 ``--out`` must be new or empty; ``--overwrite`` replaces an earlier generation there (only the files its
 ``generations.jsonl`` lists are removed), so a folder never holds clips of two runs.
 """
@@ -40,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_at_least(1, int), default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--max-new-tokens", type=_at_least(1, int), default=128, help="text: tokens per completion")
+    p.add_argument("--temperature", type=_positive, default=1.0, help="text: sampling temperature")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="text: nucleus sampling mass")
+    p.add_argument("--greedy", action="store_true", help="text: greedy decoding instead of sampling")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier generation in --out")
     p.add_argument("--progress", action="store_true")
     return p
@@ -57,6 +65,20 @@ def _at_least(low: float, kind: type):
         return value
 
     return parse
+
+
+def _positive(text: str) -> float:
+    value = _at_least(0, float)(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _positive(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -144,7 +166,47 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"--device {args.device}: no CUDA device here; use --device cpu")
     dtype = getattr(torch, args.dtype)
     with writing_to(out):
+        if is_text_model(args.model):
+            return _generate_text(args, prompts, out, dtype)
         return _generate(args, prompts, out, load_pipeline(args.model, dtype).to(args.device, dtype))
+
+
+def is_text_model(model: str) -> bool:
+    """A causal LM folder: a transformers ``config.json`` and no pipeline index."""
+    path = Path(model)
+    return (path / "config.json").is_file() and not (path / "pipeline.json").exists() \
+        and not (path / "model_index.json").exists()
+
+
+def _generate_text(args: argparse.Namespace, prompts: list[str], out: Path, dtype: torch.dtype) -> int:
+    """Completions of each prompt (``--num-samples`` each; sample j of prompt i seeded by ``(seed, i)``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmpref.data.llm import encode_prompt
+    from mmpref.models.sampling import generate_completions, sample_completions
+
+    with loading("--model", args.model, "a causal LM folder"):
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    records = []
+    for i, prompt in enumerate(prompts):
+        ids = encode_prompt(tok, prompt)
+        if args.greedy:
+            completions = generate_completions(model, [ids], pad, tok.eos_token_id, args.max_new_tokens,
+                                               do_sample=False) * args.num_samples
+        else:
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
+            completions = sample_completions(model, ids, args.num_samples, tok.eos_token_id, args.max_new_tokens, g,
+                                             temperature=args.temperature, top_p=args.top_p)
+        for j, c in enumerate(completions):
+            records.append({"prompt": prompt, "sample": j, "completion": tok.decode(c, skip_special_tokens=True),
+                            "seed": args.seed, "greedy": args.greedy, "temperature": args.temperature,
+                            "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "model": args.model})
+    _remove_earlier(out)
+    write_jsonl_atomic(out / GENERATIONS, records)
+    print(f"wrote {len(records)} completions to {out / GENERATIONS}")
+    return 0
 
 
 def _generate(args: argparse.Namespace, prompts: list[str], out: Path, pipe) -> int:
