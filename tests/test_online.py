@@ -324,3 +324,40 @@ def test_generate_serves_a_causal_lm_folder(assets, tmp_path):
     assert sampled[0] == sampled[1]
     completions = [json.loads(x)["completion"] for x in sampled[0].splitlines()]
     assert len(completions) == 6 and len(set(completions[:3])) > 1
+
+
+def test_diffusion_rollouts_are_the_pipelines_samples_judged_as_waves(tmp_path):
+    """Iterative Tango 2's round: the saved latents are what the current pipeline samples for each caption with
+    its recorded seed; the judge heard those latents decoded (VAE, vocoder); the training rows hold the latents
+    themselves (posterior std 0: nothing is re-encoded) with the caption's T5 encoding."""
+    from helpers.judges import wave_loudness
+
+    from mmpref.cli import main as cli
+
+    out = tmp_path / "run"
+    assert cli(["train", str(ROOT / "configs" / "tango2_online_tiny.yaml"), f"run.output_dir={out}",
+                "online.judge={kind: callable, path: 'helpers.judges:wave_loudness'}", "online.rounds=1",
+                f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    from helpers.fakes import FakeAccelerator
+
+    from mmpref.adapters.diffusion import DiffusionAdapter
+    from mmpref.config import load_config
+    from mmpref.online.source import _load_records, read_prompts
+
+    cfg = load_config(ROOT / "configs" / "tango2_online_tiny.yaml", [f"run.output_dir={tmp_path / 'again'}"])
+    adapter = DiffusionAdapter(cfg)
+    adapter.setup(FakeAccelerator())
+    records = _load_records(out / "rollouts" / "round-0000")
+    assert [r["position"] for r in records] == list(range(8))
+    rec = records[0]
+    caption = read_prompts("toy:captions", "prompt")[rec["prompt_index"]]
+    again = adapter.sample(adapter.policy, [caption], 3, [rec["seed"]], cfg.online.generation)[0]
+    for saved, fresh in zip(rec["rollouts"], again):  # the policy at round 0 is the starting pipeline
+        torch.testing.assert_close(saved, fresh, atol=1e-5, rtol=1e-5)
+    heard = adapter.judge_inputs(rec["rollouts"])
+    assert rec["rewards"] == pytest.approx(wave_loudness([caption] * 3, heard), abs=1e-6)
+    members, _ = rec["groups"][0]
+    assert rec["rewards"][members[0]] == max(rec["rewards"])
+    row = adapter.group_row(0, caption, [rec["rollouts"][i] for i in members], None)
+    torch.testing.assert_close(row["mean"], torch.stack([rec["rollouts"][i] for i in members]))
+    assert row["std"].abs().max() == 0 and row["mask"].sum() == row["hidden"].shape[0]
