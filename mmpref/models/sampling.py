@@ -89,9 +89,11 @@ def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], n: int, eos
     tokens: list[list[int]] = [[] for _ in rows]
     for _ in range(max_new_tokens):
         probs = next_token_distribution(out.logits[:, -1], ref_out.logits[:, -1] if mixing else None, mixture,
-                                        temperature, top_p).cpu()
-        nxt = torch.cat([torch.multinomial(probs[i * n:(i + 1) * n], 1, generator=g)[:, 0]
-                         for i, g in enumerate(generators)])
+                                        temperature, top_p)
+        # inverse-CDF sampling: one uniform per row from its prompt's generator, one search for the whole batch
+        u = torch.cat([torch.rand(n, generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
+        cdf = probs.double().cumsum(-1)
+        nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)[:, 0].cpu()
         for r in range(len(rows)):
             if not done[r]:
                 tokens[r].append(int(nxt[r]))
