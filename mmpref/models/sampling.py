@@ -42,9 +42,10 @@ def next_token_distribution(policy_logits: torch.Tensor, reference_logits: torch
     """Probabilities of the next token ``(B, V)``: ``softmax(((1 - m) log pi + m log ref) / T)``, the token-level
     geometric mixture of policy and reference renormalised per token (IPO-MD / Nash-MD; ``m = 0``: the policy
     alone), then nucleus-truncated to the smallest set of mass ``>= top_p``."""
-    logp = torch.log_softmax(policy_logits.float(), dim=-1)
+    logp = policy_logits.float()  # softmax(log_softmax(x) / T) == softmax(x / T): normalise only to mix
     if mixture:
-        logp = (1 - mixture) * logp + mixture * torch.log_softmax(reference_logits.float(), dim=-1)
+        logp = (1 - mixture) * torch.log_softmax(logp, dim=-1) + mixture * torch.log_softmax(
+            reference_logits.float(), dim=-1)
     probs = torch.softmax(logp / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
