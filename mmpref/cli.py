@@ -4,7 +4,7 @@
     mmpref generate --model DIR ...         samples of a trained policy: WAVs (Tango) or text (causal LM)
     mmpref synth CONFIG [key=value ...]     synthetic audio preference sets (perturb, generate, CLAP-rank)
     mmpref demo [--quick] [--modality text] the offline end-to-end demo
-    mmpref losses                           list the losses in the core
+    mmpref losses [--logic [--table]]       list the losses in the core (--logic: as Boolean structures)
 
 Errors are one line naming the file, line or key and what to do (exit status 1); add --debug (or set
 MMPREF_DEBUG=1) to see the traceback.
@@ -47,6 +47,19 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def losses_main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in {"-h", "--help"}:
+        print("usage: mmpref losses [--logic [--table]]\n\n  (no option)      each loss, its parameters and formula"
+              "\n  --logic          each registered pair loss as a Boolean preference structure, and their order"
+              "\n  --logic --table  the table of every pair structure that prefers the winner (docs/losses.md)")
+        return 0
+    if argv and argv[0] == "--logic":
+        from mmpref.losses import landscape
+
+        print(landscape.landscape_markdown() if "--table" in argv else landscape.describe_registered())
+        return 0
+    if argv:
+        print(f"mmpref losses: unknown option {argv[0]!r}; see mmpref losses --help", file=sys.stderr)
+        return 2
     from mmpref.losses import available_losses, get_loss
 
     for name in available_losses():
@@ -79,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mmpref {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`mmpref losses | head`): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141
     except SystemExit:
         raise
     except Exception as err:  # every error becomes one line (the traceback only when asked for)

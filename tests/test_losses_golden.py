@@ -58,6 +58,10 @@ GOLDEN = {
     ("apo_zero", ()): (1 - sig(0.05)) + sig(-0.1),
     ("apo_down", ()): sig(0.05) + (1 - sig(0.15)),
     ("set", ()): -ls(0.15),  # K = 1: the softmax over {winner, loser} is DPO
+    ("logic", ()): -ls(0.15),  # the defaults are DPO's structure: Yw & ~Yl given Yw xor Yl, beta * r
+    ("logic", (("condition", "true"), ("score", "beta_lp"), ("beta", 0.5))): -ls(-0.5) - ls(2.0),
+    ("logic", (("formula", "Yw | ~Yl"), ("condition", "true"), ("score", "log_odds"))):
+        -math.log(1 - (1 - math.exp(-0.5)) * math.exp(-1.0)),  # p = exp(mean_lp): 1 - Pr(~Yw & Yl)
     ("sft", (("eta", 0.5), ("beta", 0.2))): 0.5 * 0.2 * 1.0,
     ("sft", (("eta", 0.5), ("form", "mean"))): 0.5 * 0.5,
 }

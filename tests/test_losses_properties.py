@@ -14,7 +14,8 @@ from mmpref.losses import Scores, available_losses, build_loss, get_loss
 FAST = settings(max_examples=20, deadline=None, derandomize=True)
 UNPAIRED = ["kto", "bco"]
 GROUPED = [n for n in available_losses() if n not in UNPAIRED and n != "kl"]
-PAIRWISE = [n for n in GROUPED if n != "set"]  # set is one softmax per group, not a mean over pairs
+# set is one softmax per group, not a mean over pairs; so is logic by default (a plain Yl means every loser)
+PAIRWISE = [n for n in GROUPED if n not in ("set", "logic")]
 SCALE = {"tau": 0.1, "gamma": 0.05, "alpha": 1.0, "lam": 0.1, "delta": 1.0}  # the param playing beta's role
 
 
@@ -22,7 +23,7 @@ def scale_of(name: str) -> float:
     loss = get_loss(name)
     for key in ("beta", "tau", "gamma", "alpha", "lam"):
         if key in loss.params:
-            return loss.params[key]
+            return 0.1 if loss.params[key] is None else loss.params[key]  # logic: beta None means 0.1
     return 1.0
 
 

@@ -4,7 +4,7 @@ The formulas, with their papers, are in ``docs/losses.md``. The loss modules bel
 package is imported (they import the registry; the registry imports none of them).
 """
 
-from . import pairwise, pointwise, regularisers  # noqa: F401  (registers the built-in losses)
+from . import logic, pairwise, pointwise, regularisers  # noqa: F401  (registers the built-in losses)
 from .registry import (
     CombinedLoss,
     LossOutput,

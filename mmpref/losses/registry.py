@@ -28,14 +28,15 @@ class LossSpec:
     name: str
     fn: Callable[..., Any]
     data: DataKind = "grouped"
-    needs_reference: bool = True
-    needs_lengths: bool | Callable[[dict], bool] = False  # a callable decides from the bound parameters
+    needs_reference: bool | Callable[[dict], bool] = True  # a callable decides from the bound parameters
+    needs_lengths: bool | Callable[[dict], bool] = False
     needs_kl: bool = False  # needs Scores.kl_policy / kl_reference (so the adapter needs a reference model too)
     reward: ScoreKind | Callable[[dict], ScoreKind] = "ratio"  # what the reported rewards are made of
-    reward_scale: str | None = "beta"  # parameter that scales rewards (beta * r); None means 1
+    reward_scale: str | Callable[[dict], float] | None = "beta"  # parameter that scales rewards (beta * r); None: 1
     checks: Mapping[str, tuple[str, Callable[[Any], bool]]] = field(default_factory=dict)
     stateful: bool = False  # fn takes a ``state`` dict kept in checkpoints (e.g. bco's reward shift)
     additive: bool = False  # a regulariser added to a preference head (sft, kl)
+    validate: Callable[[dict], None] | None = None  # cross-parameter checks at build time; raises ValueError
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def register_loss(name: str, **spec: Any) -> Callable[[Callable], Callable]:
             raise ValueError(f"loss {name!r} is registered twice")
         entry = LossSpec(name=name, fn=fn, **spec)
         # catch registration typos at import time rather than at the first call
-        named = set(entry.checks) | ({entry.reward_scale} - {None})
+        named = set(entry.checks) | ({entry.reward_scale} - {None} if isinstance(entry.reward_scale, str) else set())
         unknown = sorted(named - set(entry.defaults))
         if unknown:
             raise ValueError(f"loss {name!r}: checks/reward_scale name unknown parameter(s) {unknown}")
@@ -139,13 +140,16 @@ class PreferenceLoss:
         for key, (text, ok) in self.spec.checks.items():
             if not ok(self.params[key]):
                 raise ValueError(f"loss {name!r}: parameter {key}={self.params[key]!r} must be {text}")
+        if self.spec.validate is not None:
+            self.spec.validate(self.params)
         self.state: dict[str, Tensor] = {}
 
     name = property(lambda self: self.spec.name)
 
     @property
     def needs_reference(self) -> bool:
-        return self.spec.needs_reference
+        n = self.spec.needs_reference
+        return n(self.params) if callable(n) else n
 
     @property
     def needs_lengths(self) -> bool:
@@ -207,7 +211,8 @@ class PreferenceLoss:
         if view.scores.reference is None:
             # additive terms used alone (e.g. a pure SFT phase) report policy scores
             kind = {"ratio": "lp", "mean_ratio": "mean_lp"}.get(kind, kind)
-        scale = self.params[self.spec.reward_scale] if self.spec.reward_scale else 1.0
+        rs = self.spec.reward_scale
+        scale = rs(self.params) if callable(rs) else self.params[rs] if rs else 1.0
         return scale * view.get(kind).detach()
 
 

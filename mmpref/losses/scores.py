@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-ScoreKind = Literal["lp", "mean_lp", "ratio", "mean_ratio"]
+ScoreKind = Literal["lp", "mean_lp", "ratio", "mean_ratio", "log_odds"]
 
 
 @dataclass
@@ -156,11 +156,11 @@ class ScoreView:
         return -chosen(self.mean_lp)
 
     def get(self, kind: ScoreKind) -> Tensor:
-        """One of the per-response scores by name: ``lp``, ``mean_lp``, ``ratio`` or ``mean_ratio``.
+        """One of the per-response scores by name: ``lp``, ``mean_lp``, ``ratio``, ``mean_ratio`` or ``log_odds``.
 
         Lets options such as ``form="mean" | "sum"`` pick a score without a branch per loss.
         """
-        if kind not in ("lp", "mean_lp", "ratio", "mean_ratio"):
+        if kind not in ("lp", "mean_lp", "ratio", "mean_ratio", "log_odds"):
             raise ValueError(f"unknown score kind {kind!r}")
         return getattr(self, kind)
 
