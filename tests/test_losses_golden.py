@@ -132,9 +132,9 @@ def test_bco_udm_weights_scale_undesirable_rows_only():
     s = unpaired([-1.0, -4.0, -2.0], [-1.5, -3.0, -2.0], [True, False, False])  # rewards [0.05, -0.1, 0]
     s.weights = torch.tensor([7.0, 2.0, 0.5], dtype=torch.float64)  # the desirable row's 7 is ignored
     out = get_loss("bco", beta=0.1)(s)
-    delta = (0.05 - 0.1 + 0.0) / 3
+    delta = (0.05 + (-0.1 + 0.0) / 2) / 2  # the midpoint of the class means: 0
     expected = (-ls(0.05 - delta) - 2.0 * ls(-(-0.1 - delta)) - 0.5 * ls(-(0.0 - delta))) / 3
-    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert out.metrics["bco/udm_weight"].item() == pytest.approx(1.25, rel=1e-12)
     only_desirable = unpaired([-1.0], [-1.5], [True])
     only_desirable.weights = torch.tensor([3.0], dtype=torch.float64)
@@ -144,6 +144,52 @@ def test_bco_udm_weights_scale_undesirable_rows_only():
         s.weights = bad.double()
         with pytest.raises(ValueError, match=match):
             get_loss("bco", beta=0.1)(s)
+
+
+def test_bco_shift_is_the_midpoint_of_the_class_means():
+    # 1 desirable : 5 undesirable; rewards beta * r = 0.1 * r
+    r = [2.0, -1.0, -3.0, 0.5, -2.0, -1.5]
+    labels = [True, False, False, False, False, False]
+    s = unpaired([x - 1.0 for x in r], [-1.0] * 6, labels)
+    rewards = [0.1 * x for x in r]
+    pos, neg = rewards[0], sum(rewards[1:]) / 5
+    paper = (pos + neg) / 2  # (E+[r] + E-[r]) / 2
+    trl = sum(rewards) / 6  # count-weighted mean of all rewards
+    assert get_loss("bco")(s).metrics["bco/delta"].item() == pytest.approx(paper, rel=1e-12)
+    assert get_loss("bco", shift="all_rewards")(s).metrics["bco/delta"].item() == pytest.approx(trl, rel=1e-12)
+    assert abs(paper - trl) > 0.05
+    expected = (-ls(rewards[0] - paper) - sum(ls(-(x - paper)) for x in rewards[1:])) / 6
+    assert get_loss("bco")(s).loss.item() == pytest.approx(expected, rel=1e-12)
+    # running class means over batches; a batch with one class moves only that class's mean
+    loss = get_loss("bco")
+    loss(s)
+    out = loss(unpaired([0.0], [-1.0], [False]))  # one undesirable reward 0.1
+    neg2 = (5 * neg + 0.1) / 6
+    assert out.metrics["bco/delta"].item() == pytest.approx((pos + neg2) / 2, rel=1e-12)
+    # only one class seen so far: its mean alone
+    assert get_loss("bco")(unpaired([0.0], [-1.0], [True])).metrics["bco/delta"].item() == pytest.approx(0.1)
+
+
+def test_bco_resumes_a_state_saved_before_the_class_means():
+    old = {"delta": torch.tensor(0.2, dtype=torch.float64), "count": torch.tensor(8.0, dtype=torch.float64)}
+    loss = get_loss("bco")
+    loss.load_state_dict(old)
+    out = loss(unpaired([-1.0, -4.0], [-1.5, -3.0], [True, False]))  # rewards 0.05 (desirable), -0.1
+    pos, neg = (4 * 0.2 + 0.05) / 5, (4 * 0.2 - 0.1) / 5  # each class continues from 0.2 with half the count
+    assert out.metrics["bco/delta"].item() == pytest.approx((pos + neg) / 2, rel=1e-12)
+
+
+def test_sppo_mean_is_half_the_sum_and_ipo_soft_labels():
+    sum_ = get_loss("sppo", beta=0.5)(pair()).loss.item()
+    assert get_loss("sppo", beta=0.5, reduce="mean")(pair()).loss.item() == pytest.approx(sum_ / 2, rel=1e-12)
+    # IPO: h' = mean ratios 0.25 - (-0.25) = 0.5, tau 0.25; P = Pr(winner beats loser)
+    p = torch.tensor([[0.8, 0.2]], dtype=torch.float64)
+    soft = get_loss("ipo", tau=0.25)(pair(win_prob=p)).loss.item()
+    assert soft == pytest.approx((0.5 - (0.8 - 0.5) / 0.25) ** 2, rel=1e-12)
+    hard = get_loss("ipo", tau=0.25)(pair(win_prob=torch.tensor([[1.0, 0.0]], dtype=torch.float64))).loss.item()
+    assert hard == pytest.approx((0.5 - 2.0) ** 2, rel=1e-12) == get_loss("ipo", tau=0.25)(pair()).loss.item()
+    even = get_loss("ipo", tau=0.25)(pair(win_prob=torch.tensor([[0.5, 0.5]], dtype=torch.float64))).loss.item()
+    assert even == pytest.approx(0.5**2, rel=1e-12)  # no preference: the margin is pulled to 0
 
 
 def test_bco_ema():

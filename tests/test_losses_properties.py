@@ -207,7 +207,8 @@ def test_bco_state_round_trip():
         a(unpaired(seed=seed))
     b = get_loss("bco")
     b.load_state_dict(a.state_dict())
-    assert set(a.state_dict()) == {"delta", "count"}
+    assert set(a.state_dict()) == {"delta", "desirable_delta", "desirable_count", "undesirable_delta",
+                                   "undesirable_count"}
     with torch.no_grad():  # evaluation: no update, same stored delta
         assert b(unpaired(seed=9)).loss.item() == a(unpaired(seed=9)).loss.item()
     assert b.state_dict()["delta"].item() == a.state_dict()["delta"].item()

@@ -76,7 +76,7 @@ class AlignConfig:
     steps: int = 200
     batch_size: int = 8
     lr: float = 1e-4
-    sft_weight: float = 0.0  # > 0 adds an sft term (RPO-style)
+    sft_weight: float = 0.0  # > 0 adds weight * the winners' summed NLL (a plain weight, not RPO's eta * beta)
 
 
 EVAL_SPLITS = ("heldout", "val")

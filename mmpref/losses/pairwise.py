@@ -84,17 +84,22 @@ def exo(view: ScoreView, *, beta: float = 0.1, e: float = 1e-3) -> Tensor:
 @register_loss("ipo", checks={"tau": positive(), "form": one_of("mean", "sum")},
                needs_lengths=lambda p: p["form"] == "mean", reward=_ratio_kind, reward_scale="tau")
 def ipo(view: ScoreView, *, tau: float = 0.1, form: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
-    """Identity Preference Optimisation: ``(h' - 1/(2*tau))^2``.
+    """Identity Preference Optimisation: ``(h' - (P - 1/2)/tau)^2``; hard labels (``P = 1``): ``(h' - 1/(2*tau))^2``.
 
     Intuition: regress the margin onto a fixed target instead of pushing it to infinity, so the policy cannot
-    drift arbitrarily far from the reference on deterministic preferences; minimised at ``h' = 1/(2*tau)``.
+    drift arbitrarily far from the reference on deterministic preferences; minimised at ``h' = (P - 1/2)/tau``.
     ``h'`` uses length-averaged log-ratios ``r(y)/n(y)`` by default (``form="mean"``, needs lengths), or summed
     ones (``form="sum"``).
+    Soft labels: ``P = Pr(y_w beats y_l)``, from ``Scores.win_prob`` as ``(1 + P_w - P_l) / 2`` (exactly the pair's
+    preference when ``P_l = 1 - P_w``, as online IPO's labelled pairs are; hard labels give 1). The form follows
+    from the paper's sampled loss ``(h - (I - 1/2)/tau)^2`` with the label ``I`` replaced by its expectation (the
+    two differ by a constant, the label's variance).
     Paper: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"
     (arXiv 2310.12036).
     """
     h = margin(view.get(_ratio_kind({"form": form})))
-    return (h - 1 / (2 * tau)) ** 2, {"ipo/margin": h.detach().mean()}
+    p = (1 + margin(view.win_prob)) / 2  # (B, K) pair preferences; 1 without Scores.win_prob
+    return (h - (p - 0.5) / tau) ** 2, {"ipo/margin": h.detach().mean()}
 
 
 @register_loss("hinge", checks={"gamma": positive()}, reward_scale="gamma")
@@ -109,18 +114,21 @@ def hinge(view: ScoreView, *, gamma: float = 0.05) -> Tensor:
     return F.relu(1 - gamma * margin(view.ratio))
 
 
-@register_loss("sppo", checks={"beta": positive()})
-def sppo(view: ScoreView, *, beta: float = 1e-3) -> Tensor:
+@register_loss("sppo", checks={"beta": positive(), "reduce": one_of("sum", "mean")})
+def sppo(view: ScoreView, *, beta: float = 1e-3, reduce: str = "sum") -> Tensor:
     """Self-Play Preference Optimisation: ``(r(y_w) - eta*(P_w - 1/2))^2 + (r(y_l) - eta*(P_l - 1/2))^2``.
 
     Intuition: each response's log-ratio regresses onto its centred win probability scaled by ``eta = 1/beta``
     (a multiplicative-weights step of a two-player game); winners move up, losers down, each on its own scale.
     ``P`` comes from ``Scores.win_prob`` (win probability vs the current policy's samples); without it hard labels
     ``P_w = 1, P_l = 0`` are used. The reference is the previous iterate. Default beta 1e-3 (paper's eta = 1e3).
+    ``reduce="sum"`` (default) adds the two terms, as TRL's ``sppo_hard`` does; ``"mean"`` halves that, as the
+    authors' trainer (uclaml/SPPO) does: the same minimiser, half the gradient.
     Paper: Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment" (arXiv 2405.00675).
     """
     sq = (view.ratio - (view.win_prob - 0.5) / beta) ** 2
-    return chosen(sq).unsqueeze(1) + rejected(sq)
+    pair = chosen(sq).unsqueeze(1) + rejected(sq)
+    return pair if reduce == "sum" else pair / 2
 
 
 @register_loss("nca", checks={"beta": positive()})

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import in_range, non_negative, optional, positive, register_loss
+from .registry import in_range, non_negative, one_of, optional, positive, register_loss
 from .scores import ScoreView, global_mean
 
 
@@ -36,18 +36,23 @@ def kto(
 
 
 @register_loss("bco", data="unpaired", stateful=True,
-               checks={"beta": positive(), "momentum": optional(in_range(0, 1, hi_closed=False))})
+               checks={"beta": positive(), "momentum": optional(in_range(0, 1, hi_closed=False)),
+                       "shift": one_of("class_means", "all_rewards")})
 def bco(
-    view: ScoreView, *, beta: float = 0.1, momentum: float | None = None, state: dict[str, Tensor]
+    view: ScoreView, *, beta: float = 0.1, momentum: float | None = None, shift: str = "class_means",
+    state: dict[str, Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Binary Classifier Optimisation: desirable ``-ls(beta*r - delta)``, undesirable ``-ls(-(beta*r - delta))``.
 
-    Intuition: a logistic classifier whose logit is the implicit reward; the shift ``delta`` (a moving estimate of
-    the mean reward) centres it so the classifier separates labels rather than drifting with the reward level.
-    ``delta`` lives in ``state`` (saved by ``state_dict``): with ``momentum=None`` it is the running mean of every
-    reward seen in training (count-weighted), otherwise an EMA ``delta <- m*delta + (1-m)*batch_mean``. It is
-    updated, before use, only while grad is enabled (training), from the all-reduced batch mean; evaluation uses the
-    stored value (0 before the first training step).
+    Intuition: a logistic classifier whose logit is the implicit reward; the shift ``delta`` centres it so the
+    classifier separates labels rather than drifting with the reward level.
+    ``shift="class_means"`` (default, the paper's): ``delta = (E+[r] + E-[r]) / 2``, the midpoint of the desirable
+    and the undesirable class means, each a moving estimate (with one class not yet seen, that class's mean alone).
+    ``"all_rewards"``: the mean of every reward, which weights the classes by their counts (TRL's choice); the two
+    differ when the classes are imbalanced. Each moving mean is count-weighted over all training batches
+    (``momentum=None``) or an EMA ``m <- momentum*m + (1-momentum)*batch_mean``; it lives in ``state`` (saved by
+    ``state_dict``) and is updated, before use, only while grad is enabled (training), from all-reduced batch
+    sums; evaluation uses the stored value (0 before the first training step).
     With ``Scores.weights`` (the paper's underlying-distribution matching: a density ratio from a classifier on
     prompt embeddings, clamped to [0.5, 10]; :mod:`mmpref.data.udm`) each undesirable row's loss is multiplied by
     its weight, so undesirable prompts count as if drawn from the desirable prompts' distribution.
@@ -56,7 +61,14 @@ def bco(
     """
     reward = beta * view.ratio
     if torch.is_grad_enabled():
-        _update_running_mean(state, reward, momentum)
+        if shift == "all_rewards":
+            _update_running_mean(state, "", reward, momentum)
+        else:
+            _legacy_to_class_means(state)
+            for key, rows in (("desirable_", view.labels), ("undesirable_", ~view.labels)):
+                _update_running_mean(state, key, reward[rows], momentum)  # every process calls both (all-reduce)
+            seen = [state[f"{k}delta"] for k in ("desirable_", "undesirable_") if state[f"{k}count"] > 0]
+            state["delta"] = torch.stack(seen).mean() if seen else state["desirable_delta"]
     delta = state["delta"].to(reward) if "delta" in state else reward.new_zeros(())
     z = reward - delta
     losses = -F.logsigmoid(torch.where(view.labels, z, -z))
@@ -68,14 +80,27 @@ def bco(
     return losses, metrics
 
 
-def _update_running_mean(state: dict[str, Tensor], values: Tensor, momentum: float | None) -> None:
+def _update_running_mean(state: dict[str, Tensor], key: str, values: Tensor, momentum: float | None) -> None:
+    """``state[key + "delta"]``: the running (count-weighted) or EMA mean of ``values`` over batches; a batch with
+    no values (on any process) leaves it as it is."""
     batch_mean, n = global_mean(values)
-    if "delta" not in state:
-        state["delta"], state["count"] = batch_mean, n
+    mean_key, count_key = f"{key}delta", f"{key}count"
+    if mean_key not in state or state[count_key] == 0:
+        state[mean_key], state[count_key] = batch_mean, n
         return
-    delta, count = state["delta"].to(batch_mean), state["count"].to(batch_mean)
+    if n == 0:
+        return
+    delta, count = state[mean_key].to(batch_mean), state[count_key].to(batch_mean)
     if momentum is None:
-        delta = delta + (batch_mean - delta) * n / (count + n).clamp_min(1)
+        delta = delta + (batch_mean - delta) * n / (count + n)
     else:
         delta = momentum * delta + (1 - momentum) * batch_mean
-    state["delta"], state["count"] = delta, count + n
+    state[mean_key], state[count_key] = delta, count + n
+
+
+def _legacy_to_class_means(state: dict[str, Tensor]) -> None:
+    """A state saved before the class means existed (one running mean of all rewards) continues from that value:
+    both class means start at it, with half its count each."""
+    if "delta" in state and "desirable_delta" not in state:
+        for key in ("desirable_", "undesirable_"):
+            state[f"{key}delta"], state[f"{key}count"] = state["delta"].clone(), state["count"] / 2

@@ -305,7 +305,8 @@ def _describe(t: Any) -> str:
 
 
 class CombinedLoss:
-    """A weighted sum of registered losses, e.g. RPO = ``{"dpo": 1.0, "sft": 0.005}``.
+    """A weighted sum of registered losses, e.g. RPO's paper form
+    ``{"dpo": {"beta": 0.05}, "sft": {"eta": 0.005, "beta": 0.05}}``.
 
     Rewards and reward metrics come from the first preference (non-additive) term, or the first term when all are
     additive; every term adds its ``loss/<name>`` metric and its own extra metrics.

@@ -1,7 +1,9 @@
 """Additive regularisers added to a preference head (formula sheet, "Additive regularisers").
 
 They accept grouped and unpaired data (``data="any"``), need no ``Scores.reference`` and are combined by
-configuration, e.g. RPO = ``{"dpo": 1.0, "sft": 0.005}``, SPO = ``{"spo": 1.0, "kl": {"beta": 0.1}}``.
+configuration, e.g. RPO = ``{"dpo": {"beta": 0.05}, "sft": {"eta": 0.005, "beta": 0.05}}`` (the paper's
+``eta * beta * NLL`` with the DPO beta; ``{"dpo": 1.0, "sft": 0.005}`` is a plain weight on the summed NLL, 1/beta =
+10x RPO's at the default beta 0.1), SPO = ``{"spo": 1.0, "kl": {"beta": 0.1}}``.
 Each returns a ``(B,)`` per-sample term whose batch mean is the regulariser.
 """
 
