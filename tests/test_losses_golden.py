@@ -58,6 +58,27 @@ GOLDEN = {
     ("apo_zero", ()): (1 - sig(0.05)) + sig(-0.1),
     ("apo_down", ()): sig(0.05) + (1 - sig(0.15)),
     ("set", ()): -ls(0.15),  # K = 1: the softmax over {winner, loser} is DPO
+    # f-DPO (Wang et al. 2023, Table 1): f'(u) at u = exp(r), r = (0.5, -1.0)
+    ("dpo", (("divergence", "forward_kl"),)): -ls(0.1 * ((1 - math.exp(-0.5)) - (1 - math.exp(1.0)))),
+    ("dpo", (("divergence", "js"),)): -ls(0.1 * (ls(0.5) - ls(-1.0))),  # log 2 cancels in the margin
+    ("dpo", (("divergence", "alpha"), ("f_alpha", 0.5))):
+        -ls(0.1 * ((1 - math.exp(-0.25)) / 0.5 - (1 - math.exp(0.5)) / 0.5)),
+    ("ipo", (("tau", 0.25), ("form", "sum"), ("divergence", "js"))): (ls(0.5) - ls(-1.0) - 2.0) ** 2,
+    ("hinge", (("gamma", 0.5), ("divergence", "forward_kl"))): max(0.0, 1 - 0.5 * (math.e - math.exp(-0.5))),
+    ("cdpo", (("e", 0.2), ("divergence", "js"))):
+        -0.8 * ls(0.1 * (ls(0.5) - ls(-1.0))) - 0.2 * ls(-0.1 * (ls(0.5) - ls(-1.0))),
+    ("sigmoid_norm", ()): -ls(0.1 * (0.5 / 2 - (-1.0) / 4)),
+    ("discopop", ()): (1 - sig(0.15 / 0.05)) * -ls(0.15) + sig(0.15 / 0.05) * math.exp(-0.15),
+    ("bco_pair", ()): -ls(0.1 * 0.5) - ls(-0.1 * -1.0),
+    ("aot", ()): -ls(0.1 * ((-1.0 + 4.0) - (-1.5 + 3.0))),  # one row: the sorted matching is the pair itself
+    ("aot_unpaired", (("e", 0.1),)): -0.9 * ls(0.15) - 0.1 * ls(-0.15),
+    ("simpo", (("e", 0.2),)): -0.8 * ls(0.5) - 0.2 * ls(-0.5),
+    ("simpo", (("alpha_po", 0.25),)):  # AlphaPO: (1 - p^-a)/a of p = exp(mean_lp), mean_lp = (-0.5, -1.0)
+        -ls(2.0 * ((1 - math.exp(0.125)) / 0.25 - (1 - math.exp(0.25)) / 0.25) - 0.5),
+    ("cpo", (("pref", "hinge"),)): (1 - 0.1 * 3.0) + 0.5,
+    ("cpo", (("pref", "ipo"),)): (0.5 - 1 / (2 * 0.1)) ** 2 + 0.5,  # token-mean margin -0.5 + 1.0
+    ("cpo", (("e", 0.1),)): -0.9 * ls(0.3) - 0.1 * ls(-0.3) + 0.5,
+    ("cpo", (("alpha_po", 0.5), ("alpha", 0.0))): -ls(0.1 * ((1 - math.exp(0.5)) / 0.5 - (1 - math.exp(2.0)) / 0.5)),
     ("logic", ()): -ls(0.15),  # the defaults are DPO's structure: Yw & ~Yl given Yw xor Yl, beta * r
     ("logic", (("condition", "true"), ("score", "beta_lp"), ("beta", 0.5))): -ls(-0.5) - ls(2.0),
     ("logic", (("formula", "Yw | ~Yl"), ("condition", "true"), ("score", "log_odds"))):
@@ -190,6 +211,26 @@ def test_sppo_mean_is_half_the_sum_and_ipo_soft_labels():
     assert hard == pytest.approx((0.5 - 2.0) ** 2, rel=1e-12) == get_loss("ipo", tau=0.25)(pair()).loss.item()
     even = get_loss("ipo", tau=0.25)(pair(win_prob=torch.tensor([[0.5, 0.5]], dtype=torch.float64))).loss.item()
     assert even == pytest.approx(0.5**2, rel=1e-12)  # no preference: the margin is pulled to 0
+
+
+def test_aot_sorts_margins_over_the_batch():
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    # policy margins lp_w - lp_l = [3, -1, 2]; reference margins [0.5, 1, -2]
+    s = Scores(policy=t([[-1.0, -4.0], [-3.0, -2.0], [-1.0, -3.0]]), reference=t([[-1.0, -1.5], [-2.0, -3.0],
+                                                                                   [-3.0, -1.0]]))
+    d = [-1.0 - -2.0, 2.0 - 0.5, 3.0 - 1.0]  # sorted policy margins minus sorted reference margins
+    out = get_loss("aot", beta=0.5, e=0.1)(s)
+    assert out.per_sample.tolist() == pytest.approx([-0.9 * ls(0.5 * x) - 0.1 * ls(-0.5 * x) for x in d], rel=1e-12)
+    # unpaired: chosen ratios [0, -1, 2] and rejected ratios [-2.5, 1, -2], each sorted on its own
+    du = [-1.0 - -2.5, 0.0 - -2.0, 2.0 - 1.0]
+    out = get_loss("aot_unpaired", beta=0.5)(s)
+    assert out.per_sample.tolist() == pytest.approx([-ls(0.5 * x) for x in du], rel=1e-12)
+
+
+def test_discopop_is_finite_where_its_exponential_part_overflows():
+    s = Scores(policy=torch.tensor([[-1.0, -1.0], [-1.0, -1.0]]), reference=torch.tensor([[0.0, -2e4], [0.0, 0.0]]))
+    out = get_loss("discopop", beta=1.0)(s)  # z = -2e4: m = 0, exp(-z) = inf in float32
+    assert out.per_sample.tolist() == pytest.approx([2e4, math.log(2) * 0.5 + 0.5], rel=1e-6)
 
 
 def test_bco_ema():
