@@ -148,8 +148,8 @@ def test_cached_reference_reused_without_reference_forward(assets, tmp_path, mon
     monkeypatch.setattr(second, "_reference_pass", lambda *a: pytest.fail("cache should have been reused"))
     second.setup(Accelerator(cpu=True))
     calls = []
-    real = second.forward_logps
-    monkeypatch.setattr(second, "forward_logps", lambda m, b: calls.append(1) or real(m, b))
+    real = second._forward
+    monkeypatch.setattr(second, "_forward", lambda m, b, **kw: calls.append(1) or real(m, b, **kw))
     scores = second.scores(second.policy, first_batch(second), build_loss("dpo"))
     assert len(calls) == 1 and second.reference is None  # policy pass only
     torch.testing.assert_close(scores.reference, scores.policy.detach())  # untrained policy == reference
@@ -178,3 +178,55 @@ def test_save_pretrained_safetensors(assets, tmp_path, lora):
     assert not any(f.endswith(".bin") for f in files)
     if lora:
         assert "model.safetensors" not in files
+
+
+def naive_token_logps(model, prompt: list[int], completion: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per completion token: log p(y_t) and log sum_v p(v)^2, full softmax in float64."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.double().log_softmax(-1)[0, len(prompt) - 1 : -1]
+    picked = logp[torch.arange(len(completion)), torch.tensor(completion)]
+    return picked, torch.logsumexp(2 * logp, dim=-1)
+
+
+def test_ld_alpha_downweights_tokens_past_the_groups_shared_length(assets):
+    cfg = make_cfg(assets, data="sets")
+    cfg.model.ld_alpha = 0.3
+    adapter = LLMAdapter(cfg)
+    rows = [adapter.train_dataset[i] for i in range(3)]
+    scores = adapter.scores(adapter.policy, adapter.collate(rows), build_loss("dpo"))
+    model = adapter.policy.double().eval()
+    expect = []
+    for r in rows:
+        shared = min(map(len, r["completion_ids"]))
+        assert max(map(len, r["completion_ids"])) > shared, "the test needs completions of different lengths"
+        for c in r["completion_ids"]:
+            lp, _ = naive_token_logps(model, r["prompt_ids"], c)
+            expect.append(float(lp[:shared].sum() + 0.3 * lp[shared:].sum()))
+    expect = torch.tensor(expect, dtype=torch.float64).view(3, -1)
+    torch.testing.assert_close(scores.policy.double(), expect, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(scores.reference.double(), expect, atol=2e-5, rtol=1e-5)  # same weights (copy)
+    assert scores.lengths.tolist() == [list(map(len, r["completion_ids"])) for r in rows]  # lengths unchanged
+    with pytest.raises(ValueError, match="ld_alpha must be in"):
+        LLMModelConfig(path="x", ld_alpha=1.5)
+
+
+def test_wpo_weights_each_pair_by_the_policys_renormalised_probabilities(assets):
+    cfg = make_cfg(assets, data="sets")
+    cfg.model.wpo = True
+    adapter = LLMAdapter(cfg)
+    rows = [adapter.train_dataset[i] for i in range(3)]
+    scores = adapter.scores(adapter.policy, adapter.collate(rows), build_loss("dpo"))
+    model = adapter.policy.double().eval()
+    logw = []
+    for r in rows:
+        for c in r["completion_ids"]:
+            lp, lsq = naive_token_logps(model, r["prompt_ids"], c)
+            logw.append(float((lp - lsq).mean()))  # WPO: mean_t [log p(y_t) - log sum_v p(v)^2]
+    logw = torch.tensor(logw, dtype=torch.float64).view(3, -1)
+    torch.testing.assert_close(scores.log_weights.double(), logw, atol=2e-5, rtol=1e-5)
+    assert not scores.log_weights.requires_grad
+    out = build_loss({"dpo": {"beta": 0.5}})(scores)
+    h = (scores.policy - scores.reference).detach().double()
+    per_pair = -torch.nn.functional.logsigmoid(0.5 * (h[:, :1] - h[:, 1:])) * torch.exp(logw[:, :1] + logw[:, 1:])
+    assert out.loss.item() == pytest.approx(per_pair.mean(1).mean().item(), rel=1e-5)

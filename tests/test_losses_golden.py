@@ -270,3 +270,13 @@ def test_docs_table_has_one_row_per_loss(doc):
     cells = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| `")]
     rows = [c.strip("`") for c in cells if re.fullmatch(r"`[a-z_]+`", c)]  # loss rows, not folder rows
     assert sorted(rows) == available_losses()
+
+
+def test_log_weights_scale_preference_heads_not_additive_terms():
+    lw = torch.tensor([[-0.2, -0.7]], dtype=torch.float64)
+    s = pair(log_weights=lw)
+    assert get_loss("dpo")(s).loss.item() == pytest.approx(-ls(0.15) * math.exp(-0.9), rel=1e-12)
+    assert get_loss("sft", eta=0.5, beta=0.2)(s).loss.item() == pytest.approx(0.5 * 0.2 * 1.0, rel=1e-12)
+    assert get_loss("set")(s).loss.item() == pytest.approx(-ls(0.15) * math.exp(-0.9), rel=1e-12)  # group sum
+    with pytest.raises(ValueError, match="log_weights has shape"):
+        get_loss("dpo")(pair(log_weights=torch.zeros(1, 3, dtype=torch.float64)))

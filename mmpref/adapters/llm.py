@@ -59,6 +59,17 @@ class LLMModelConfig:
     logprob_chunk_size: int = 256  # positions per chunk of the log-prob reduction
     kl_max_new_tokens: int = 64  # length of the policy samples scored by the ``kl`` regulariser
     trust_remote_code: bool = False
+    # LD-DPO (Liu et al. 2024, arXiv 2409.06411): a completion's tokens past its group's shared length (the shortest
+    # completion of the group) count ld_alpha times in its score, policy and reference alike; None: all count 1
+    ld_alpha: float | None = None
+    # WPO (Zhou et al. 2024, arXiv 2406.11827): each pair's loss weighted by exp(mean_t[log p(y_t) - log sum_v
+    # p(v)^2]) of winner and loser under the current policy (no gradient), so pairs the policy itself would
+    # produce count more
+    wpo: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ld_alpha is not None and not (isinstance(self.ld_alpha, (int, float)) and 0 <= self.ld_alpha <= 1):
+            raise ValueError(f"model.ld_alpha must be in [0, 1] or null, got {self.ld_alpha!r}")
 
 
 @contextlib.contextmanager
@@ -93,19 +104,33 @@ def _token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
-    """Summed float32 log-probs of ``labels`` where ``mask``; ``logits[:, t]`` predicts ``labels[:, t]``."""
+@torch.no_grad()
+def _token_log_sum_sq(logits: Tensor) -> Tensor:
+    """``log sum_v p(v)^2`` per position (WPO's renormaliser): ``lse(2 x) - 2 lse(x)``, float32, no gradient."""
+    x = logits.float()
+    return torch.logsumexp(2 * x, dim=-1) - 2 * torch.logsumexp(x, dim=-1)
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, weights: Tensor, chunk_size: int,
+                   wpo: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Weighted sums of float32 log-probs of ``labels`` (``weights``: 1 on completion tokens, 0 elsewhere, LD-DPO's
+    alpha on a tail); ``logits[:, t]`` predicts ``labels[:, t]``. With ``wpo``, also the sum over the tokens with
+    weight > 0 of ``log p(y_t) - log sum_v p(v)^2``, without gradient."""
     total = logits.new_zeros(logits.shape[0], dtype=torch.float32)
+    aligned = torch.zeros_like(total) if wpo else None
     recompute = logits.requires_grad and logits.dtype != torch.float32
     for s in range(0, logits.shape[1], chunk_size):
-        lg, lab, m = logits[:, s : s + chunk_size], labels[:, s : s + chunk_size], mask[:, s : s + chunk_size]
+        lg, lab, w = logits[:, s : s + chunk_size], labels[:, s : s + chunk_size], weights[:, s : s + chunk_size]
+        m = w != 0
         if not m.any():
             continue
         lab = lab.masked_fill(~m, 0)
         # half-precision logits: recompute the float32 upcast in backward rather than keep it for every chunk
         lp = checkpoint(_token_logps, lg, lab, use_reentrant=False) if recompute else _token_logps(lg, lab)
-        total = total + (lp * m).sum(-1)
-    return total
+        total = total + (lp * w).sum(-1)
+        if wpo:
+            aligned = aligned + ((lp.detach() - _token_log_sum_sq(lg)) * m).sum(-1)
+    return total, aligned
 
 
 # ----- the adapter --------------------------------------------------------------------------------------------------
@@ -244,6 +269,11 @@ class LLMAdapter(Adapter):
                 batch["udm_weight"] = torch.tensor([r["udm_weight"] for r in rows])
         if "win_prob" in rows[0]:  # soft labels (SPPO): one probability per completion
             batch["win_prob"] = torch.tensor([r["win_prob"] for r in rows], dtype=torch.float32)
+        if self.mcfg.ld_alpha is not None:  # LD-DPO: each row's group-shared completion length
+            shared = [min(map(len, r["completion_ids"])) if not self.unpaired else len(c)
+                      for r in rows for c in r["completion_ids"]]
+            shared += [len(r["kl_completion_ids"]) for r in rows] if self.unpaired and self.needs_kl else []
+            batch["ld_shared"] = torch.tensor(shared)
         if "ref" in rows[0]:  # cached reference scores, in the same row order
             refs = [x for r in rows for x in r["ref"]] + [r["kl_ref"] for r in rows if "kl_ref" in r]
             batch["ref"] = torch.tensor(refs, dtype=torch.float32)
@@ -252,14 +282,29 @@ class LLMAdapter(Adapter):
     # ----- scores -------------------------------------------------------------------------------------------------
     def forward_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(summed completion log-probs, completion lengths), one float32 value per row of ``batch``."""
+        return self._forward(model, batch)[:2]
+
+    def _forward(self, model: nn.Module, batch: dict[str, Tensor],
+                 wpo: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`forward_logps`, and with ``wpo`` each row's mean ``log p(y_t) - log sum_v p(v)^2`` (no grad)."""
         ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
         first = int(comp.float().argmax(-1).min())  # earliest completion token over the batch
         keep = ids.shape[1] - first + 1
         kwargs = {"logits_to_keep": keep} if self._keep_logits else {}
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **kwargs).logits
         logits = logits[:, -keep:-1]  # positions first-1 .. L-2 predict tokens first .. L-1
-        logps = sequence_logps(logits, ids[:, first:], comp[:, first:], self.mcfg.logprob_chunk_size)
-        return logps, comp.sum(-1)
+        weights = self._token_weights(batch)[:, first:]
+        logps, aligned = sequence_logps(logits, ids[:, first:], weights, self.mcfg.logprob_chunk_size, wpo)
+        lengths = comp.sum(-1)
+        return logps, lengths, None if aligned is None else aligned / lengths.clamp_min(1)
+
+    def _token_weights(self, batch: dict[str, Tensor]) -> Tensor:
+        """1 on completion tokens; with ``model.ld_alpha``, alpha on those past the row's ``ld_shared`` length."""
+        comp = batch["completion_mask"]
+        if self.mcfg.ld_alpha is None or "ld_shared" not in batch:
+            return comp.float()
+        tail = comp.cumsum(-1) > batch["ld_shared"][:, None]  # 1-based position within the completion
+        return comp.float() * torch.where(tail, float(self.mcfg.ld_alpha), 1.0)
 
     def reference_logps(self, policy: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Reference log-probs per row, without gradients."""
@@ -282,8 +327,8 @@ class LLMAdapter(Adapter):
         kl_rows = self.unpaired and self.needs_kl
         need_ref = loss.needs_reference or (loss.needs_kl and kl_rows)
         ref = self.reference_logps(policy, batch) if need_ref else None  # before the policy pass: lower peak
-        logps, lengths = self.forward_logps(policy, batch)
-        out = Scores(policy=logps, reference=ref, lengths=lengths)
+        logps, lengths, aligned = self._forward(policy, batch, wpo=self.mcfg.wpo and not self.unpaired)
+        out = Scores(policy=logps, reference=ref, lengths=lengths, log_weights=aligned)
         if self.unpaired:
             out.labels, out.weights = batch["desirable"], batch.get("udm_weight")
             if kl_rows and loss.needs_kl:
@@ -436,6 +481,7 @@ class LLMAdapter(Adapter):
         h = hashlib.blake2b(digest_size=16)
         d = self.dcfg
         settings = [d.max_length, d.max_prompt_length, self.unpaired, self.needs_kl, type(unwrap(model)).__name__]
+        settings += [self.mcfg.ld_alpha] if self.mcfg.ld_alpha is not None else []  # older caches keep their key
         h.update(json.dumps(settings).encode())
         cols = [c for c in ("prompt_ids", "completion_ids", "kl_completion_ids") if c in ds.column_names]
         for chunk in ds.select_columns(cols).iter(batch_size=4096):

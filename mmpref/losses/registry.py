@@ -198,6 +198,8 @@ class PreferenceLoss:
             kwargs["state"] = self.state
         out = self.spec.fn(view, **kwargs)
         losses, extra = out if isinstance(out, tuple) else (out, {})
+        if scores.log_weights is not None and not self.spec.additive:
+            losses = losses * pair_weights(view, losses)
         per_sample = losses.mean(dim=1) if losses.dim() == 2 else losses  # K losers: mean over the K pairs
         rewards = self.rewards(view)
         metrics = reward_metrics(view, rewards)
@@ -214,6 +216,13 @@ class PreferenceLoss:
         rs = self.spec.reward_scale
         scale = rs(self.params) if callable(rs) else self.params[rs] if rs else 1.0
         return scale * view.get(kind).detach()
+
+
+def pair_weights(view: ScoreView, losses: Tensor) -> Tensor:
+    """WPO's weights: ``exp(lw(y_w) + lw(y_lk))`` per pair for ``(B, K)`` losses, ``exp(sum_j lw(y_j))`` per group
+    for ``(B,)`` ones (``lw`` = ``Scores.log_weights``, detached)."""
+    lw = view.scores.log_weights.detach().to(view.dtype)
+    return torch.exp(lw[:, :1] + lw[:, 1:]) if losses.dim() == 2 else torch.exp(lw.sum(1))
 
 
 def reward_metrics(view: ScoreView, rewards: Tensor) -> dict[str, Tensor]:
@@ -275,7 +284,9 @@ def validate_scores(scores: Scores, loss: PreferenceLoss) -> None:
         raise ValueError(f"loss {loss.name!r} needs completion lengths: Scores.lengths is None")
     if loss.needs_kl and (scores.kl_policy is None or scores.kl_reference is None):
         raise ValueError(f"loss {loss.name!r} needs Scores.kl_policy and Scores.kl_reference")
-    for name in ("reference", "lengths", "win_prob", "weights"):
+    if scores.log_weights is not None and unpaired:
+        raise ValueError("Scores.log_weights (WPO) are for grouped data only; got them with Scores.labels")
+    for name in ("reference", "lengths", "win_prob", "weights", "log_weights"):
         t = getattr(scores, name)
         if t is not None and (not isinstance(t, Tensor) or t.shape != lp.shape):
             raise ValueError(f"Scores.{name} has shape {_describe(t)} but Scores.policy has {tuple(lp.shape)}")
@@ -290,7 +301,7 @@ def validate_scores(scores: Scores, loss: PreferenceLoss) -> None:
                 "Scores.kl_policy and Scores.kl_reference must both be given as (M,) tensors of one shape; "
                 f"got {_describe(kl[0])} and {_describe(kl[1])}"
             )
-    for name in ("policy", "reference", "lengths", "kl_policy", "kl_reference", "win_prob", "weights"):
+    for name in ("policy", "reference", "lengths", "kl_policy", "kl_reference", "win_prob", "weights", "log_weights"):
         t = getattr(scores, name)
         if t is not None and not torch.isfinite(t.detach()).all():
             raise ValueError(f"Scores.{name} contains NaN or inf")

@@ -33,6 +33,9 @@ class Scores:
             when ``None``.
         weights: unpaired only, ``(B,)`` weights of the undesirable rows' losses: BCO's prompt density ratios
             (:mod:`mmpref.data.udm`); desirable rows ignore them. ``None``: all 1.
+        log_weights: grouped only, ``(B, 1+K)`` per-response log importance weights (WPO: the policy's mean
+            ``log p(y_t) - log sum_v p(v)^2``); each pair's loss of a preference head is multiplied by
+            ``exp(log_weights(y_w) + log_weights(y_l))``, a per-group loss by ``exp`` of the group's sum. Detached.
     """
 
     policy: Tensor
@@ -43,6 +46,7 @@ class Scores:
     kl_reference: Tensor | None = None
     win_prob: Tensor | None = None
     weights: Tensor | None = None
+    log_weights: Tensor | None = None
 
     @property
     def grouped(self) -> bool:
