@@ -450,3 +450,31 @@ def test_bad_audio_reported_with_paths(tmp_path, cached):
     cfg_skip.setup(FakeAccelerator())
     assert len(cfg_skip.train_dataset) == 2
     batch_of(cfg_skip, 2)
+
+
+def test_every_grouped_loss_trains_or_is_refused_with_its_reason(grouped):
+    """Losses whose inputs exist for diffusion (log-ratios, log-likelihood surrogates) give a finite loss and a
+    gradient on the UNet; those needing token counts or KL samples are refused by name."""
+    from mmpref.losses import available_losses, loss_spec
+
+    batch = batch_of(grouped, 2)
+    served = []
+    for name in available_losses():
+        spec = loss_spec(name)
+        if spec.data == "unpaired" or name == "kl":
+            continue
+        loss = build_loss({"dpo": {"beta": 2000}, name: 1.0} if spec.additive else {name: 1.0})
+        why = grouped.cannot_serve(loss)
+        if why is not None:
+            assert "completion lengths" in why or "KL samples" in why, (name, why)
+            assert loss.needs_lengths or loss.needs_kl, name
+            continue
+        grouped.policy.zero_grad()
+        scores, _ = run_scores(grouped, batch, loss=loss)
+        out = loss(scores)
+        out.loss.backward()
+        grads = [p.grad for p in grouped.policy.parameters() if p.grad is not None]
+        assert torch.isfinite(out.loss) and grads and any(g.abs().sum() > 0 for g in grads), name
+        served.append(name)
+    assert {"dpo", "aot", "aot_unpaired", "discopop", "bco_pair", "logic", "hinge", "sppo"} <= set(served)
+    assert not {"sigmoid_norm", "simpo", "ipo"} & set(served)  # token counts (ipo's default form="mean")
