@@ -105,3 +105,37 @@ def test_truncation_keeps_prompt_and_cuts_completion_tails(tmp_path, tok, caplog
     assert cut["prompt_ids"] == full["prompt_ids"]
     assert cut["completion_ids"][0] == full["completion_ids"][0][:3]
     assert "1 of 1 rows truncated" in caplog.text
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_trl_implicit_prompt_layouts(tmp_path, tok):
+    """TRL's layouts without a prompt column, and H4 / Zephyr's prompt string beside full conversations, give the
+    same prepared rows as the explicit layout they stand for."""
+    cases = {
+        "standard": ([{"chosen": "name a cat: cat", "rejected": "name a cat: saw"}],
+                     [{"prompt": "name a cat:", "chosen": " cat", "rejected": " saw"}]),
+        "sets": ([{"chosen": "a b: cat", "rejected": ["a b: saw", "a b: nut"]}],
+                 [{"prompt": "a b:", "chosen": " cat", "rejected": [" saw", " nut"]}]),
+        "conversational": ([{"chosen": [user("name a cat"), bot("cat")], "rejected": [user("name a cat"), bot("saw")]}],
+                           [{"prompt": [user("name a cat")], "chosen": [bot("cat")], "rejected": [bot("saw")]}]),
+        "h4": ([{"prompt": "name a cat", "chosen": [user("name a cat"), bot("cat")],
+                 "rejected": [user("name a cat"), bot("saw")]}],
+               [{"prompt": [user("name a cat")], "chosen": [bot("cat")], "rejected": [bot("saw")]}]),
+    }
+    for name, (implicit, explicit) in cases.items():
+        got, _ = load_llm_data(LLMDataConfig(path=write(tmp_path, implicit, f"{name}.jsonl")), tok)
+        want, _ = load_llm_data(LLMDataConfig(path=write(tmp_path, explicit, f"{name}-x.jsonl")), tok)
+        assert got["prompt_ids"] == want["prompt_ids"] and got["completion_ids"] == want["completion_ids"], name
+    # a row with nothing shared, or nothing after the shared part, is reported by line
+    bad = [{"chosen": "name a cat: cat", "rejected": "name a cat: saw"}, {"chosen": "cat", "rejected": "saw"},
+           {"chosen": "x y", "rejected": "x y"}]
+    with pytest.raises(DataValidationError, match=r"2 of 3 rows invalid.*prompt \(line 2\)") as err:
+        load_llm_data(LLMDataConfig(path=write(tmp_path, bad, "b.jsonl")), tok)
+    assert "chosen/rejected (line 3)" in str(err.value)

@@ -9,6 +9,9 @@ Accepted layouts (``schema: auto`` detects them from the columns):
   completion (winner first) for sets; they reach ``Scores.win_prob`` (SPPO trains on them).
 - ``conversational``: any of the above where the prompt is a list of ``{role, content}`` messages and the
   completions are messages (or strings); rendered with the tokenizer's chat template.
+- Implicit prompts (TRL's layouts): ``chosen`` / ``rejected`` only, as strings or full conversations; and the
+  H4 / Zephyr layout, a ``prompt`` string beside full conversations. The prompt is the shared prefix of the
+  completions, extracted as TRL's ``extract_prompt`` does (:func:`extract_prompt`).
 
 Prepared rows hold token ids only: ``idx`` (row position, used by the reference cache), ``row`` (row number in
 the source split, for error messages), ``prompt_ids``, ``completion_ids`` (a list of 1+K sequences, winner first;
@@ -103,6 +106,46 @@ def _is_messages(x: Any) -> bool:
 
 def _is_list_of_completions(x: Any) -> bool:
     return isinstance(x, list) and not _is_messages(x)
+
+
+# ----- implicit prompts ---------------------------------------------------------------------------------------------
+def extract_prompt(completions: list[Any]) -> tuple[Any, list[Any]]:
+    """(prompt, completions without it): the longest common prefix of the completions (strings: characters,
+    conversations: messages), as TRL's ``extract_prompt``; a space where the completions part goes with them."""
+    shortest = min(len(c) for c in completions)
+    idx = next((i for i in range(shortest) if any(c[i] != completions[0][i] for c in completions[1:])), shortest)
+    if isinstance(completions[0], str) and idx > 0 and completions[0][idx - 1] == " ":
+        idx -= 1  # "Q? A" / "Q? B": the prompt is "Q?", the completions " A" and " B"
+    return completions[0][:idx], [c[idx:] for c in completions]
+
+
+def implicit_prompt(columns: list[str], first: dict[str, Any] | None, cfg: LLMDataConfig) -> bool:
+    """True when the prompt must be extracted: no prompt column beside chosen / rejected, or a prompt string
+    beside conversations that repeat it (H4 / Zephyr); TRL's ``maybe_extract_prompt`` decides the same way."""
+    c = cfg
+    if cfg.schema == "unpaired" or not {c.chosen_column, c.rejected_column} <= set(columns):
+        return False
+    if c.prompt_column not in columns:
+        return True
+    return first is not None and _is_messages(first[c.chosen_column]) and not _is_messages(first[c.prompt_column])
+
+
+def with_extracted_prompts(raw: datasets.Dataset, cfg: LLMDataConfig) -> datasets.Dataset:
+    """``raw`` with ``prompt`` / ``chosen`` / ``rejected`` rewritten by :func:`extract_prompt` (sets: over the
+    winner and all K losers). Rows that are not text are left for the row checks to report."""
+    c = cfg
+
+    def split(row: dict[str, Any]) -> dict[str, Any]:
+        chosen, rejected = row[c.chosen_column], row[c.rejected_column]
+        sets = isinstance(rejected, list) and not _is_messages(rejected)
+        members = [chosen, *(rejected if sets else [rejected])]
+        if not all(isinstance(m, (str, list)) and len(m) for m in members) or \
+                len({type(m) for m in members}) > 1:
+            return {c.prompt_column: None, c.chosen_column: chosen, c.rejected_column: rejected}
+        prompt, rest = extract_prompt(members)
+        return {c.prompt_column: prompt, c.chosen_column: rest[0], c.rejected_column: rest[1:] if sets else rest[1]}
+
+    return raw.map(split, desc="extract prompts")
 
 
 # ----- row checks ---------------------------------------------------------------------------------------------------
@@ -233,6 +276,10 @@ def prepare_split(
     ``with_kl`` adds mismatched KL completions to unpaired rows. See the module docstring."""
     raw = table.data
     first = raw[0] if len(raw) else None
+    if implicit_prompt(raw.column_names, first, cfg):
+        logger.info("%s: the prompt is implicit in chosen / rejected; using their shared prefix", where)
+        raw = with_extracted_prompts(raw, cfg)
+        first = raw[0] if len(raw) else None
     layout, conv = detect_layout(raw.column_names, cfg, first, where)
     k = None
     if layout == "sets" and isinstance(first[cfg.rejected_column], list):
