@@ -139,3 +139,39 @@ def test_trl_implicit_prompt_layouts(tmp_path, tok):
     with pytest.raises(DataValidationError, match=r"2 of 3 rows invalid.*prompt \(line 2\)") as err:
         load_llm_data(LLMDataConfig(path=write(tmp_path, bad, "b.jsonl")), tok)
     assert "chosen/rejected (line 3)" in str(err.value)
+
+
+def test_hub_layout_folder_subset_and_data_dir(tmp_path, tok):
+    """A local folder in the hub's layout (nothing downloads): a README's configs name subsets; data_dir picks a
+    folder; both are refused, by name, for a plain file."""
+    repo = tmp_path / "repo"
+    for sub, rows in (("easy", synthetic_preferences(3, seed=1)), ("hard", synthetic_preferences(5, seed=2))):
+        (repo / sub).mkdir(parents=True)
+        (repo / sub / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: easy\n  data_files: easy/*.jsonl\n"
+                                    "- config_name: hard\n  data_files: hard/*.jsonl\n---\n")
+    assert len(load_llm_data(LLMDataConfig(path=str(repo), subset="hard"), tok)[0]) == 5
+    assert len(load_llm_data(LLMDataConfig(path=str(repo), subset="easy"), tok)[0]) == 3
+    plain = tmp_path / "plain"
+    for sub, n in (("a", 2), ("b", 4)):
+        (plain / sub).mkdir(parents=True)
+        (plain / sub / "train.jsonl").write_text("\n".join(json.dumps(r) for r in synthetic_preferences(n)))
+    assert len(load_llm_data(LLMDataConfig(path=str(plain), data_dir="b"), tok)[0]) == 4
+    from mmpref.errors import DataError
+
+    with pytest.raises(DataError, match="data.subset only apply to hub datasets"):
+        load_llm_data(LLMDataConfig(path=str(plain / "a" / "train.jsonl"), subset="x"), tok)
+
+
+def test_hub_ids_get_subset_revision_and_data_dir(monkeypatch):
+    from mmpref.data import tables
+
+    seen = {}
+
+    def fake_load_dataset(path, **kw):
+        seen.update(path=path, **kw)
+        return datasets.Dataset.from_list(synthetic_preferences(2))
+
+    monkeypatch.setattr(tables.datasets, "load_dataset", fake_load_dataset)
+    tables.load_table("org/prefs", "test", hub=tables.HubOptions("en", "v1.0", "data/clean"))
+    assert seen == {"path": "org/prefs", "split": "test", "name": "en", "revision": "v1.0", "data_dir": "data/clean"}

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmpref.audio import AudioFileError, load_audio, resample
-from mmpref.data.tables import Table, load_table
+from mmpref.data.tables import HubOptions, Table, load_table
 from mmpref.errors import DataError, MmprefError
 from mmpref.io import atomic_dir, cache_root
 from mmpref.toy.tones import make_tiny_preference_set
@@ -59,6 +59,9 @@ class AudioPreferenceDataConfig:
     path: str = "tiny:16"
     schema: str = "auto"
     split: str = "train"
+    subset: str | None = None  # hub datasets (and folders in the hub layout): the configuration (load_dataset's name)
+    revision: str | None = None  # hub datasets: branch, tag or commit
+    data_dir: str | None = None  # hub datasets: a folder inside the repository
     audio_root: str | None = None
     duration_s: float = 10.0
     num_losers: int | None = None
@@ -236,7 +239,8 @@ def _load_table(cfg: AudioPreferenceDataConfig) -> tuple[Table, Path | None, str
     if src.startswith("tiny:"):
         src = str(_tiny_source(src))
     what = "a JSON/JSONL/Parquet/CSV file, a dataset folder, a hub id or tiny:N[:K]"
-    source = load_table(src, cfg.split, key="data.path", what=what)
+    source = load_table(src, cfg.split, key="data.path", what=what,
+                        hub=HubOptions(cfg.subset, cfg.revision, cfg.data_dir))
     path = Path(src)
     if source.file is not None:
         source_fp, default_root = _file_hash(path), path.parent

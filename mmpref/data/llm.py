@@ -29,7 +29,7 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from mmpref.data.tables import BUILDERS, Table, load_table
+from mmpref.data.tables import BUILDERS, HubOptions, Table, load_table
 from mmpref.data.udm import UDMConfig
 from mmpref.errors import DataError
 from mmpref.sources import check_source, looks_local
@@ -47,6 +47,9 @@ class LLMDataConfig:
     path: str = ""  # a JSON/JSONL/Parquet/CSV file, a directory of them, or a hub dataset id
     format: str = "auto"  # auto (from the file extension) | json | jsonl | parquet | csv
     split: str = "train"
+    subset: str | None = None  # hub datasets (and folders in the hub layout): the configuration (load_dataset's name)
+    revision: str | None = None  # hub datasets: branch, tag or commit
+    data_dir: str | None = None  # hub datasets: a folder inside the repository
     schema: str = "auto"  # auto | pairs | sets | unpaired | conversational
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
@@ -67,9 +70,9 @@ class DataValidationError(DataError):
 
 
 # ----- loading ------------------------------------------------------------------------------------------------------
-def load_split(path: str, split: str, fmt: str = "auto") -> Table:
+def load_split(path: str, split: str, fmt: str = "auto", hub: HubOptions | None = None) -> Table:
     """One split from a local file / folder (also ``save_to_disk`` folders) or a hub id; see :mod:`.tables`."""
-    return load_table(path, split, fmt)
+    return load_table(path, split, fmt, hub=hub)
 
 
 def detect_layout(columns: list[str], cfg: LLMDataConfig, first: dict[str, Any] | None,
@@ -374,13 +377,15 @@ def load_llm_data(
     """(train, eval or None) prepared datasets for ``cfg``; see :func:`prepare_split` for the flags."""
     if cfg.schema not in SCHEMAS:
         raise DataError(f"data.schema must be one of {list(SCHEMAS)}; got {cfg.schema!r}")
-    train = prepare_split(load_split(cfg.path, cfg.split, cfg.format), tokenizer, cfg, f"{cfg.path} [{cfg.split}]",
-                          unpaired, with_kl)
+    hub = HubOptions(cfg.subset, cfg.revision, cfg.data_dir)
+    train = prepare_split(load_split(cfg.path, cfg.split, cfg.format, hub), tokenizer, cfg,
+                          f"{cfg.path} [{cfg.split}]", unpaired, with_kl)
     if cfg.eval_split:
         if looks_local(cfg.eval_split) or os.path.splitext(cfg.eval_split)[1].lower() in BUILDERS:
             check_source(cfg.eval_split, "data.eval_split", "a data file, or the name of a split of data.path")
-        path, split = (cfg.eval_split, "train") if os.path.isfile(cfg.eval_split) else (cfg.path, cfg.eval_split)
-        table = load_table(path, split, cfg.format, key="data.eval_split")
+        own_file = os.path.isfile(cfg.eval_split)
+        path, split = (cfg.eval_split, "train") if own_file else (cfg.path, cfg.eval_split)
+        table = load_table(path, split, cfg.format, key="data.eval_split", hub=None if own_file else hub)
         return train, prepare_split(table, tokenizer, cfg, f"{path} [{split}]", unpaired, with_kl)
     if cfg.eval_fraction > 0:
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)

@@ -55,25 +55,49 @@ def is_saved_dataset(path: Path) -> bool:
                                                        and (path / "dataset_info.json").is_file())
 
 
+@dataclass(frozen=True)
+class HubOptions:
+    """What ``datasets.load_dataset`` takes beside a hub id (or a folder in the hub's layout): ``subset`` (its
+    ``name``, a configuration), ``revision`` (branch, tag or commit) and ``data_dir`` (a folder inside it)."""
+
+    subset: str | None = None
+    revision: str | None = None
+    data_dir: str | None = None
+
+    def kwargs(self) -> dict[str, str]:
+        return {k: v for k, v in (("name", self.subset), ("revision", self.revision), ("data_dir", self.data_dir))
+                if v is not None}
+
+
 def load_table(path: str, split: str = "train", fmt: str = "auto", key: str = "data.path",
-               what: str = "a JSON/JSONL/Parquet/CSV file, a folder of them, or a hub dataset id") -> Table:
-    """One split of ``path`` (see the module docstring); errors name ``key`` and the file."""
+               what: str = "a JSON/JSONL/Parquet/CSV file, a folder of them, or a hub dataset id",
+               hub: HubOptions | None = None) -> Table:
+    """One split of ``path`` (see the module docstring); errors name ``key`` and the file. ``hub`` options apply
+    to hub ids and folders in the hub's layout (a README with ``configs:``, or data files in subfolders)."""
     if fmt not in FORMATS:
         raise DataError(f"data.format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     check_source(path, key, what)
     local = Path(os.path.expanduser(path))
+    extra = (hub or HubOptions()).kwargs()
+    if extra and (local.is_file() or (local.is_dir() and is_saved_dataset(local))):
+        names = ", ".join(f"data.{'subset' if k == 'name' else k}" for k in extra)
+        raise DataError(f"{path}: {names} only apply to hub datasets and folders in the hub's layout, not to a "
+                        f"{'file' if local.is_file() else 'save_to_disk folder'}; remove {names}")
     if local.is_file():
         table = Table(_load_file(local, fmt), path, local)
     elif local.is_dir() and is_saved_dataset(local):
         table = Table(_load_saved(local, split), path)
     elif local.is_dir():
         with loading(key, path, what):
-            ds = (datasets.load_dataset(BUILDERS["." + fmt], data_dir=str(local), split=split) if fmt != "auto"
-                  else datasets.load_dataset(str(local), split=split))
+            if fmt != "auto":
+                sub = local / extra.pop("data_dir") if "data_dir" in extra else local
+                ds = datasets.load_dataset(BUILDERS["." + fmt], data_dir=str(sub), split=split, **extra)
+            else:
+                ds = datasets.load_dataset(str(local), split=split, **extra)
         table = Table(ds, path)
     else:
         with loading(key, path, what):
-            table = Table(datasets.load_dataset(path, split=split), path)
+            table = Table(datasets.load_dataset(path, split=split, **extra), path)
     if len(table.data) == 0:
         raise DataError(f"{path}: no rows (the {'file' if local.is_file() else 'split ' + repr(split)} is empty); "
                         "point data.path at a file with data")
