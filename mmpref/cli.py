@@ -16,6 +16,7 @@ import diffusers and ``mmpref train`` does not import the synthesis code.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -84,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmpref {__version__}")
         return 0
     name, rest = args[0], args[1:]
+    _configure_logging(debug)
     if name not in COMMANDS:
         print(f"mmpref: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
@@ -105,6 +107,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mmpref {name}: {describe(err)}", file=sys.stderr)
         return 1
+
+
+class _Format(logging.Formatter):
+    """``mmpref: message`` for information, ``mmpref: warning: message`` for warnings and worse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"mmpref: {level}{record.getMessage()}"
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a handler made once would keep a replaced stream)."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
+def _configure_logging(debug: bool) -> None:
+    """The package's own log lines (progress notes, warnings) go to stderr; other libraries keep their settings."""
+    log = logging.getLogger("mmpref")
+    if not any(isinstance(h.formatter, _Format) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_Format())
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False  # once: not again through a root handler someone else configured
 
 
 def _close_progress_bars() -> None:

@@ -680,9 +680,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, assets, cap
     truncate(ws / "run" / "checkpoint-00000004" / "model.safetensors")
     capsys.readouterr()
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "skipping broken checkpoint(s) checkpoint-00000004 (model.safetensors:" in out
-    assert "resuming from checkpoint-00000002" in out
+    captured = capsys.readouterr()
+    assert "mmpref: warning: skipping broken checkpoint(s) checkpoint-00000004 (model.safetensors:" in captured.err
+    assert "resuming from checkpoint-00000002" in captured.err and "resumed from " in captured.out
     got, want = (load_file(str(d / "run" / "final" / "model.safetensors")) for d in (ws, whole))
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=0)

@@ -172,3 +172,37 @@ def test_eval_and_result(tmp_path: Path):
     assert res.metrics["step"] == 4 and {"rewards/margins", "grad_norm", "lr"} <= res.metrics.keys()
     assert res.checkpoint.endswith("checkpoint-00000004")
     assert (Path(res.output_dir) / "config.yaml").exists() and (Path(res.final_dir) / "model.safetensors").exists()
+
+
+def test_report_to_tensorboard_writes_the_logged_metrics(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = run(toy_config(tmp_path, run={"epochs": 1, "log_every": 1, "report_to": ["tensorboard"]}))
+    events = list(Path(res.output_dir).rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file was written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [(s, loss) for s, _, loss in losses(res)]
+    scalars = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in scalars] == [s for s, _ in logged]
+    assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)
+
+
+def test_training_curves_are_drawn_from_the_logged_metrics(tmp_path: Path):
+    from mmpref.training.curves import phase_starts, read_curves
+
+    phases = [{"name": "sft", "loss": {"sft": 1.0}, "epochs": 1}, {"name": "dpo", "loss": {"dpo": {"beta": 0.5}}}]
+    res = run(toy_config(tmp_path, phases=phases, run={"epochs": 2, "log_every": 1, "eval_every": 2},
+                         data={"eval_rows": 8}))
+    png = Path(res.output_dir) / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = read_curves(res.metrics_file)
+    logged = losses(res)
+    assert curves["loss"]["loss"] == ([s for s, _, _ in logged], [v for _, _, v in logged])
+    rows = [json.loads(line) for line in Path(res.metrics_file).read_text().splitlines()]
+    margins = [(r["step"], r["rewards/margins"]) for r in rows if "rewards/margins" in r]
+    assert margins and curves["reward margin"]["rewards/margins"] == tuple(map(list, zip(*margins)))
+    assert curves["loss"]["eval/loss"][0] == [r["step"] for r in rows if "eval/loss" in r] != []
+    first_dpo = next(s for s, p, _ in logged if p == "dpo")
+    assert phase_starts(res.metrics_file) == [(first_dpo, "dpo")]

@@ -5,6 +5,7 @@ The training engine only ever calls the methods below; it knows neither the moda
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
@@ -132,3 +133,8 @@ def resolve_reference(cfg: TrainConfig, objectives: Sequence[Objective],
         raise ConfigError("reference.mode=lora shares the policy's weights: reference.path and reference.dtype "
                           "must be unset")
     return ref.mode
+
+
+def local_main_process() -> bool:
+    """True on the process that draws progress bars (LOCAL_RANK 0, or no launcher at all)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"

@@ -31,8 +31,9 @@ from diffusers.training_utils import compute_snr
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from mmpref.adapters.base import Adapter, LossRequirements, unwrap
+from mmpref.adapters.base import Adapter, LossRequirements, local_main_process, unwrap
 from mmpref.audio import normalize_wave, samples_for
 from mmpref.config import Objective, RolloutConfig, TrainConfig
 from mmpref.data.audio import (
@@ -408,7 +409,8 @@ class DiffusionAdapter(Adapter):
             issues, digests = self._encode_clips(clip_ids, latents, num_workers)
             prompts = sorted({self.index.prompts[p] for p, _ in self.index.groups} | {""})
             text = ShardWriter(tmp, "text", self.mcfg.cache_shard_size)
-            for s in range(0, len(prompts), self.mcfg.cache_batch_size):
+            for s in tqdm(range(0, len(prompts), self.mcfg.cache_batch_size), desc="cache: encode captions (T5)",
+                          unit="batch", disable=not local_main_process()):
                 hidden, mask = self.pipe.encode_text(prompts[s: s + self.mcfg.cache_batch_size])
                 for h, m in zip(hidden, mask):
                     n = int(m.sum())
@@ -427,7 +429,7 @@ class DiffusionAdapter(Adapter):
         issues: list[AudioIssue] = []
         digests: list[str] = []
         placeholder = torch.zeros(self.clip_latent_shape())
-        for items in reader:
+        for items in tqdm(reader, desc="cache: encode clips (VAE)", unit="batch", disable=not local_main_process()):
             ok = [w for _, w, _, _ in items if w is not None]
             encoded = iter(zip(*self.pipe.encode_audio(torch.stack(ok).to(self.device)))) if ok else iter(())
             for i, _, reason, digest in items:

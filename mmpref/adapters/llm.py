@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmpref.config import Objective, RolloutConfig, TrainConfig
@@ -40,7 +41,7 @@ from mmpref.models.sampling import generate_completions, sample_batch
 from mmpref.sources import check_source, loading
 from mmpref.toy.llm import resolve_toy
 
-from .base import Adapter, LossRequirements, unwrap
+from .base import Adapter, LossRequirements, local_main_process, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +464,8 @@ class LLMAdapter(Adapter):
         refs, kls = [], []
         bs = self.cfg.run.batch_size
         with adapter_off, eval_mode(base):
-            for s in range(0, len(ds), bs):
+            for s in tqdm(range(0, len(ds), bs), desc="reference log-probs", unit="batch",
+                          disable=not local_main_process()):
                 rows = [ds[i] for i in range(s, min(s + bs, len(ds)))]
                 batch = {k: v.to(device) for k, v in self.collate(rows).items()}
                 lp = self.forward_logps(base, batch)[0].float().cpu()

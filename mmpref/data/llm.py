@@ -307,7 +307,6 @@ def prepare_split(
         if not cfg.skip_invalid:
             raise DataValidationError(report + ". Fix the data or set data.skip_invalid=true to drop these rows.")
         logger.warning("%s; skipping them (data.skip_invalid=true)", report)
-        print(f"mmpref: warning: {report}; skipping them (data.skip_invalid=true)")
         bad = {r for rows in dropped.values() for r in rows}
         tok = tok.filter(lambda r: r not in bad, input_columns="row")
     if not len(tok):

@@ -125,8 +125,6 @@ def newest_intact(output_dir: Path) -> Path | None:
         if reason is None:
             if broken:
                 logger.warning("skipping broken checkpoint(s) %s; resuming from %s", "; ".join(broken), path.name)
-                print(f"mmpref: warning: skipping broken checkpoint(s) {'; '.join(broken)}; resuming from "
-                      f"{path.name}")
             return path
         broken.append(f"{path.name} ({reason})")
     if broken:

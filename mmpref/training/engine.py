@@ -47,6 +47,7 @@ from mmpref.online.source import OnlineSource
 
 from . import run_folder
 from .checkpoint import flatten_loss_states, load_checkpoint, newest_intact, save_checkpoint
+from .curves import plot_curves
 from .phases import Phase, phase_at, plan_phases
 
 
@@ -150,7 +151,7 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
     metrics_file = out / "metrics.jsonl"
     if accelerator.is_main_process:
         _truncate_metrics(metrics_file, step)  # drop lines a crashed run logged after its last checkpoint
-    if accelerator.trackers:
+    if accelerator.log_with:  # the trackers asked for and installed; accelerator.trackers fills only here
         accelerator.init_trackers("mmpref", config=_flat(config_to_dict(cfg)))
 
     # ----- the loop -----------------------------------------------------------------------------------------------
@@ -206,6 +207,8 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_final(adapter, accelerator.unwrap_model(policy), final)
+        if metrics_file.exists():
+            plot_curves(metrics_file)  # training_curves.png beside metrics.jsonl
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(step=step, metrics=last, output_dir=str(out), final_dir=str(final),
