@@ -1,17 +1,17 @@
-"""The ``mmpref`` command: one entry point, one subcommand per job.
+"""The `mmpref` command: one entry point, one subcommand per job.
 
-    mmpref train CONFIG [key=value ...]     train with any adapter and loss (configs/*.yaml)
+    mmpref train CONFIG [key=value ...]     train with any adapter and loss (a YAML file or a recipe name)
     mmpref generate --model DIR ...         samples of a trained policy: WAVs (Tango) or text (causal LM)
     mmpref synth CONFIG [key=value ...]     synthetic audio preference sets (perturb, generate, CLAP-rank)
     mmpref demo [--quick] [--modality text] the offline end-to-end demo
     mmpref losses [--logic [--table]]       list the losses in the core (--logic: as Boolean structures)
+    mmpref recipes                          list the packaged recipes; mmpref train NAME runs one
 
 Errors are one line naming the file, line or key and what to do (exit status 1); add --debug (or set
-MMPREF_DEBUG=1) to see the traceback.
-
-Each subcommand lives next to the code it drives and is imported only when used, so ``mmpref losses`` does not
-import diffusers and ``mmpref train`` does not import the synthesis code.
+MMPREF_DEBUG=1) to see the traceback. `mmpref --version` prints the version.
 """
+# Each subcommand lives next to the code it drives and is imported only when used, so `mmpref losses` does not
+# import diffusers and `mmpref train` does not import the synthesis code. The docstring above is the --help text.
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mmpref.synthesis.run", "generate a synthetic audio preference dataset"),
     "demo": ("mmpref.demo.main", "run the offline demo (sound-event world or --modality text)"),
     "losses": ("mmpref.cli", "list the available losses and their parameters"),
+    "recipes": ("mmpref.cli", "list the packaged recipes (mmpref train NAME runs one)"),
 }
 
 
@@ -44,6 +45,18 @@ def train_main(argv: Sequence[str]) -> int:
 
     result = train(load_config(argv[0], list(argv[1:])))
     print(f"done: {result.step} steps; final model in {result.final_dir}; metrics in {result.metrics_file}")
+    return 0
+
+
+def recipes_main(argv: Sequence[str]) -> int:
+    from mmpref.yaml_config import RECIPES, recipes
+
+    if argv:
+        print("usage: mmpref recipes\n\nThe recipes shipped with mmpref; `mmpref train NAME [key=value ...]` runs one "
+              f"(files in {RECIPES}).")
+        return 0 if argv[0] in {"-h", "--help"} else 2
+    for name, about in recipes().items():
+        print(f"{name:24s} {about}")
     return 0
 
 
@@ -153,6 +166,8 @@ def _run(name: str, rest: list[str]) -> int:
         return train_main(rest)
     if name == "losses":
         return losses_main(rest)
+    if name == "recipes":
+        return recipes_main(rest)
     code = importlib.import_module(COMMANDS[name][0]).main(rest)
     return code if isinstance(code, int) else 0
 

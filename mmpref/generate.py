@@ -19,13 +19,14 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from mmpref.audio import save_audio
 from mmpref.errors import DataError, RunFolderError, writing_to
 from mmpref.io import write_jsonl_atomic
 from mmpref.sources import check_source, loading
+
+if TYPE_CHECKING:  # torch and the models load after the arguments parse: `mmpref generate --help` stays instant
+    import torch
 
 GENERATIONS = "generations.jsonl"
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=_at_least(1, int), default=1, help="samples per prompt")
     p.add_argument("--batch-size", type=_at_least(1, int), default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--max-new-tokens", type=_at_least(1, int), default=128, help="text: tokens per completion")
     p.add_argument("--temperature", type=_positive, default=1.0, help="text: sampling temperature")
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = _prompts(args)
     out = Path(args.out)
     _check_output(out, args.overwrite)
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: no CUDA device here; use --device cpu")
     dtype = getattr(torch, args.dtype)
@@ -180,6 +185,7 @@ def is_text_model(model: str) -> bool:
 
 def _generate_text(args: argparse.Namespace, prompts: list[str], out: Path, dtype: torch.dtype) -> int:
     """Completions of each prompt (``--num-samples`` each; sample j of prompt i seeded by ``(seed, i)``)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mmpref.data.llm import encode_prompt
@@ -210,6 +216,8 @@ def _generate_text(args: argparse.Namespace, prompts: list[str], out: Path, dtyp
 
 
 def _generate(args: argparse.Namespace, prompts: list[str], out: Path, pipe) -> int:
+    from mmpref.audio import save_audio
+
     waves = pipe(prompts, duration_s=args.duration, num_inference_steps=args.steps, guidance_scale=args.guidance,
                  seed=args.seed, batch_size=args.batch_size, num_samples_per_prompt=args.num_samples,
                  progress=args.progress)

@@ -79,6 +79,28 @@ def dump_yaml(data: Any) -> str:
 
 
 # ----- files, includes, overrides -----------------------------------------------------------------------------------
+RECIPES = Path(__file__).resolve().parent / "recipes"  # the packaged configs (a checkout's configs/ points here)
+
+
+def resolve_config(arg: str | os.PathLike) -> Path:
+    """``arg`` if it exists; else the packaged recipe it names: ``llm_dpo``, ``llm_dpo.yaml`` or
+    ``configs/llm_dpo.yaml`` (so the README's commands also work from a ``pip install``, outside a checkout)."""
+    path = Path(os.path.expanduser(str(arg)))
+    if path.exists() or path.parent not in (Path("."), Path("configs")):
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    return RECIPES / name if (RECIPES / name).is_file() else path
+
+
+def recipes() -> dict[str, str]:
+    """Packaged recipe name -> its first comment line."""
+    out = {}
+    for f in sorted(RECIPES.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        out[f.stem] = first
+    return out
+
+
 def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     """One file, with its ``defaults:`` bases (paths relative to it) merged underneath, later entries winning."""
     path = Path(path)
@@ -86,7 +108,8 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: circular `defaults:` include")
     if not path.is_file():
         what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config {path} {what}; give the path of a YAML config")
+        raise ConfigError(f"config {path} {what}; give the path of a YAML config or the name of a packaged recipe "
+                          "(`mmpref recipes` lists them)")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except (OSError, UnicodeDecodeError) as e:
@@ -205,6 +228,7 @@ class Loaded(typing.NamedTuple):
 
 def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Loaded:
     """A config file with its includes and overrides applied, untyped (see :func:`build`)."""
+    path = resolve_config(path)
     raw = read_yaml(path)
     return Loaded(raw, apply_overrides(raw, overrides, str(path)))
 

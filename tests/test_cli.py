@@ -147,3 +147,29 @@ def test_train_tango2_tiny_recipe_switches_phase_and_saves_a_pipeline(tmp_path, 
     for part in ("vae", "text_encoder", "vocoder"):  # frozen parts are saved unchanged
         for n, p in getattr(loaded, part).state_dict().items():
             assert torch.equal(p, getattr(start, part).state_dict()[n]), (part, n)
+
+
+def test_help_is_plain_text_and_generate_help_imports_no_models():
+    import io
+    import subprocess
+    import sys
+    from contextlib import redirect_stdout
+
+    from mmpref.cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["--help"]) == 0
+    assert "``" not in buf.getvalue() and "mmpref recipes" in buf.getvalue()
+    code = ("import sys; from mmpref.generate import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the parser (and --help) needs none of them
+
+
+def test_recipes_lists_the_packaged_configs(capsys):
+    from mmpref.cli import main
+
+    assert main(["recipes"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "llm_dpo_tiny" in names and "tango2_dpo" in names and len(names) == len(set(names)) >= 20

@@ -67,3 +67,23 @@ def test_the_check_knows_every_extra():
     check = _check_install_module()
     for module, extra in check.EXTRAS.items():
         assert extra in extras, (module, extra)
+
+
+def test_the_wheel_ships_every_recipe_and_names_resolve_outside_a_checkout(tmp_path, monkeypatch):
+    """`pip install mmpref` carries the recipes: `mmpref train llm_dpo_tiny` (or configs/llm_dpo_tiny.yaml, as the
+    README writes it) works from any folder."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from mmpref.yaml_config import RECIPES, resolve_config
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("mmpref-*.whl")
+    shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if n.startswith("mmpref/recipes/")}
+    assert shipped == {p.name for p in (ROOT / "configs").glob("*.yaml")} != set()
+    monkeypatch.chdir(tmp_path)  # not a checkout: no configs/ here
+    for arg in ("llm_dpo_tiny", "llm_dpo_tiny.yaml", "configs/llm_dpo_tiny.yaml"):
+        assert resolve_config(arg) == RECIPES / "llm_dpo_tiny.yaml"
+    assert resolve_config("configs/missing.yaml") == Path("configs/missing.yaml")  # reported as missing later

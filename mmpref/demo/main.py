@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mmpref.errors import ConfigError
+from mmpref.yaml_config import RECIPES, resolve_config
 from mmpref.io import claim_folder, remove_owned
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = RECIPES
 OWNER = "mmpref demo"
 # what the audio demo writes at the top of --out (removed by --fresh; anything else there is left alone)
 DEMO_ENTRIES = ("judge", "judge.done.json", "seed[0-9]*", "plots", "report.json", "report.md", ".*.tmp")
@@ -79,11 +80,10 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     from mmpref.demo.stages import DemoConfig, set_threads
 
     threads = set_threads()
-    config = Path(args.config) if args.config else CONFIG_DIR / ("demo_quick.yaml" if args.quick else "demo.yaml")
+    config = resolve_config(args.config) if args.config else \
+        CONFIG_DIR / ("demo_quick.yaml" if args.quick else "demo.yaml")
     if not config.is_file():
-        hint = "" if args.config else " (the demo configs ship in the repository's configs/ folder: run from a " \
-                                      "checkout, or give --config)"
-        raise ConfigError(f"--config: {config} does not exist{hint}")
+        raise ConfigError(f"--config: {config} does not exist; give a demo YAML or a packaged recipe name")
     cfg = DemoConfig.load(config).scaled(args.scale)
     out = claim_folder(args.out, OWNER, "--out", legacy=_written_by_the_demo)
     if args.fresh:

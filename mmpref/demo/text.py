@@ -36,9 +36,9 @@ import numpy as np
 from mmpref.errors import ConfigError
 from mmpref.io import atomic_dir, claim_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
 from mmpref.stats import bootstrap_ci, paired_difference
-from mmpref.yaml_config import apply_overrides, read_yaml, set_dotted
+from mmpref.yaml_config import RECIPES, apply_overrides, read_yaml, resolve_config, set_dotted
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_text.yaml"
+DEFAULT_CONFIG = RECIPES / "demo_text.yaml"
 PERTURBATIONS = ("omission", "replacement", "reordering")
 METRICS = ("exact_match", "order_accuracy", "item_recall")
 
@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> dict:
     """All stages; returns the report dict (also written to ``report.json`` / ``report.md``)."""
     t0 = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = load_demo_config(Path(args.config), args.quick, args.loss, args.set)
+    cfg = load_demo_config(resolve_config(args.config), args.quick, args.loss, args.set)
     out = claim_folder(args.out, "mmpref demo --modality text", "--out", legacy=_written_by_the_text_demo)
     seed = args.seed
     key_data = fingerprint(cfg["task"], seed)

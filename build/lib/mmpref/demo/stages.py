@@ -1,0 +1,262 @@
+"""The sound-event demo's stages: corpus -> tiny Tango + CLAP from scratch -> preference sets -> diffusion-DPO ->
+evaluation. Each stage writes its outputs under the run folder and a ``<stage>.done.json`` marker (its one-line
+summary and its wall time); a rerun skips finished stages, so an interrupted demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmpref.demo.world import World
+from mmpref.errors import RunFolderError
+from mmpref.io import write_json_atomic
+from mmpref.yaml_config import build, check, load
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeStageConfig:
+    n: int = 300  # world clips the judge trains on (plus as many degraded copies)
+    epochs: int = 20
+    n_test: int = 100  # clean clips its accuracy is reported on
+
+
+@dataclass
+class CorpusConfig:
+    n_train: int = 600  # clips for the VAE, the UNet and CLAP
+    n_heldout: int = 48  # evaluation captions (a different world seed: never trained on)
+    n_pref_prompts: int = 64  # captions the preference sets are generated for (not in the training corpus)
+    n_val: int = 64  # validation captions (own world seed, disjoint from held-out/preference): tune recipes on these
+
+
+@dataclass
+class PartConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+
+
+@dataclass
+class TextEncoderConfig(PartConfig):
+    # world captions sampled as text only (no audio: text costs nothing) to teach the T5 from, besides the training
+    # corpus's; never a held-out or validation caption's text. 0: the corpus's captions only.
+    captions: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    steps: int = 20  # DDIM steps
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class SynthStageConfig:
+    samples_per_caption: int = 2  # candidates per original caption; CLAP picks the winner
+    losers_per_prompt: int = 2  # K
+    strategies: list[str] = field(default_factory=lambda: ["resample", "concept", "temporal"])
+    max_perturbations: int = 4
+    shared_noise: bool = False  # perturbed captions reuse the original's seed (see synthesis GenerationConfig)
+
+
+@dataclass
+class AlignConfig:
+    loss: str = "dpo"
+    beta: float = 2000.0
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-4
+    sft_weight: float = 0.0  # > 0 adds weight * the winners' summed NLL (a plain weight, not RPO's eta * beta)
+
+
+EVAL_SPLITS = ("heldout", "val")
+
+
+@dataclass
+class EvalConfig:
+    samples_per_caption: int = 2
+    bootstrap: int = 2000
+    wav_examples: int = 4
+    split: str = "heldout"  # "heldout" (the reported test) or "val" (for tuning; written to eval_val/)
+
+    def __post_init__(self) -> None:
+        check(self.split in EVAL_SPLITS, "split", f"must be one of {', '.join(EVAL_SPLITS)}; got {self.split!r}")
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo does; ``configs/demo.yaml`` (default) and ``configs/demo_quick.yaml`` (``--quick``)."""
+
+    seed: int = 0
+    duration_s: float = 2.56
+    judge: JudgeStageConfig = field(default_factory=JudgeStageConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    vae: PartConfig = field(default_factory=lambda: PartConfig(steps=300, batch_size=16, lr=2e-3))
+    unet: PartConfig = field(default_factory=lambda: PartConfig(steps=600, batch_size=16, lr=1e-3))
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(steps=0, batch_size=64,
+                                                                                      lr=3e-3))
+    clap: PartConfig = field(default_factory=lambda: PartConfig(steps=200, batch_size=32, lr=1e-3))
+    unet_channels: list[int] = field(default_factory=lambda: [16, 32])  # the preset's [32, 64] is 4x slower
+    cfg_dropout: float = 0.1
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    synth: SynthStageConfig = field(default_factory=SynthStageConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def scaled(self, factor: float) -> DemoConfig:
+        """Data sizes and training steps times ``factor`` (``--scale``: bigger runs for machines with a GPU)."""
+        if factor == 1.0:
+            return self
+        cfg = DemoConfig.from_dict(asdict(self))
+
+        def mul(x: int) -> int:  # 0 stays 0: a switched-off part (text_encoder steps/captions) stays off
+            return max(1, int(round(x * factor))) if x else 0
+
+        for c, names in ((cfg.judge, ("n",)), (cfg.corpus, ("n_train", "n_heldout", "n_pref_prompts", "n_val")),
+                         (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.text_encoder, ("steps", "captions")),
+                         (cfg.clap, ("steps",)), (cfg.align, ("steps",))):
+            for n in names:
+                setattr(c, n, mul(getattr(c, n)))
+        return cfg
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> DemoConfig:
+        return build(cls, raw, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> DemoConfig:
+        """The demo YAML with ``key.sub=value`` overrides (the loader of every mmpref config)."""
+        raw, overridden = load(path, overrides)
+        return build(cls, raw, str(path), overridden)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage bookkeeping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# The config sections each stage's output depends on, upstream stages' included: a marker records their values,
+# so a changed config is noticed instead of silently reusing a stale stage.
+_BASE = ["seed", "duration_s", "corpus"]
+_INIT = _BASE + ["vae", "unet_channels", "text_encoder"]  # the pipeline the UNet starts from
+_BASE_MODEL = _INIT + ["unet", "cfg_dropout"]
+_SYNTH = _BASE_MODEL + ["clap", "generation", "synth"]
+STAGE_INPUTS: dict[str, list[str]] = {
+    "judge": ["duration_s", "judge"],
+    "1-corpus": _BASE,
+    "2a-vae": _BASE + ["vae"],
+    "2b-pipeline": _INIT,
+    "2c-unet": _BASE_MODEL,
+    "2d-clap": _BASE + ["clap"],
+    "3-synth": _SYNTH,
+    "4-align": _SYNTH + ["align"],
+    "5-eval": _SYNTH + ["align", "eval"],
+}
+
+
+class StaleStageError(RunFolderError):
+    """A cached stage was made with other settings than the current config."""
+
+
+def stage_settings(cfg: DemoConfig, name: str) -> dict:
+    sections = STAGE_INPUTS["5-eval" if name.startswith("5-eval") else name]  # 5-eval-val: the same inputs
+    values = asdict(cfg)
+    return {k: values[k] for k in sections}
+
+
+def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str], None] = print,
+              settings: dict | None = None, stage_dir: Path | None = None) -> dict:
+    """Run ``fn`` unless ``out/<name>.done.json`` exists; print one summary line; return the stage's summary.
+
+    ``settings`` (see :func:`stage_settings`) are stored in the marker. A cached stage made with other settings is
+    an error, not a silent reuse (its outputs and training checkpoints would mix with the new ones), unless
+    ``stage_dir`` names the folder that holds this stage's outputs and nothing else: then that folder is wiped and
+    the stage runs again. With ``stage_dir``, leftovers of an interrupted run with other settings are wiped too,
+    while an interrupted run with the same settings resumes in place. A cached stage whose output folders
+    (``final_dir`` / ``final`` / ``path`` in its summary) have vanished runs again.
+    """
+    marker = out / f"{name}.done.json"
+    current = json.loads(json.dumps(settings))  # as it would read back from the marker (tuples -> lists)
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        same = settings is None or done.get("settings") == current
+        if same and _outputs_exist(done):
+            log(f"[{name}] cached ({done['seconds']:.0f} s when run): {done['line']}")
+            return done
+        if not same and stage_dir is None:
+            old = done.get("settings") or {}
+            changed = sorted(k for k in current if old.get(k) != current[k]) or ["(unrecorded)"]
+            raise StaleStageError(
+                f"{marker}: stage {name!r} was made with other settings (changed: {', '.join(changed)}); "
+                "rerun with --fresh, or with another --out")
+        marker.unlink()
+    if stage_dir is not None:
+        tag = stage_dir / ".stage_settings.json"
+        if not tag.exists() or json.loads(tag.read_text()) != current:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(tag, current)
+    start = time.perf_counter()
+    summary = fn()
+    done = {**summary, "seconds": round(time.perf_counter() - start, 1)}
+    done.setdefault("line", "")
+    if settings is not None:
+        done["settings"] = settings
+    write_json_atomic(marker, done)
+    log(f"[{name}] {done['seconds']:.0f} s: {done['line']}")
+    return done
+
+
+def _outputs_exist(done: dict) -> bool:
+    """The model folders a finished stage points to (in its summary or its ``result``) are still there."""
+    places = [done, done.get("result")]
+    paths = [d.get(k) for d in places if isinstance(d, dict) for k in ("final_dir", "final", "path")]
+    return all(os.path.isdir(p) for p in paths if isinstance(p, str))
+
+
+def eval_folder(split: str) -> str:
+    """Where the evaluation of ``split`` writes its samples and WAVs: ``eval/`` (held-out) or ``eval_<split>/``."""
+    return "eval" if split == "heldout" else f"eval_{split}"
+
+
+def world_for(cfg: DemoConfig, seed: int) -> World:
+    return World(seed=seed, duration_s=cfg.duration_s)
+
+
+def heldout_seed(seed: int) -> int:
+    """World seed of the evaluation captions: disjoint from training (seed) and preference (seed + 500) corpora."""
+    return 1_000_003 + seed
+
+
+def pref_seed(seed: int) -> int:
+    return 500_009 + seed
+
+
+def text_seed(seed: int) -> int:
+    """World seed of the text-only captions the T5 is taught from (``text_encoder.captions``)."""
+    return 3_000_017 + seed
+
+
+def val_seed(seed: int) -> int:
+    """World seed of the validation captions (recipe tuning); their texts are also filtered against the others."""
+    return 2_000_029 + seed
+
+
+def set_threads() -> int:
+    """Every core for the big ops, unless the machine is already busy: oversubscribed OpenMP threads spin and
+    run several times slower than one thread (measured: a VAE step 23 s with 2 threads vs 4 s with 1 on a loaded
+    2-core box)."""
+    cores = max(1, os.cpu_count() or 1)
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
+    torch.set_num_threads(1 if busy else cores)
+    return torch.get_num_threads()

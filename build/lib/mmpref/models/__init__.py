@@ -1,0 +1,1 @@
+"""Model builders. Import submodules directly (``mmpref.models.tango``); this package imports nothing heavy."""

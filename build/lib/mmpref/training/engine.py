@@ -1,0 +1,372 @@
+"""The training loop: one accelerate loop for every modality and every loss. Read it top to bottom.
+
+folder = run_folder.inspect(cfg)                    # new, resume or overwrite: decided before anything is written
+adapter = get_adapter_class(cfg.modality)(cfg, objectives)  # models + data of one modality, validated
+run_folder.commit(...)                              # only now: config.yaml, run.json
+stream = dataset batches, or the policy's own samples judged as they are drawn (cfg.online)
+for step in range(start, total):                    # global optimizer steps
+    phase = phase_at(plan, step)                    # pure function of the step: same on every process
+    for _ in range(grad_accum):                     # micro-batches from the stream
+        scores = adapter.scores(policy, batch, loss); loss(scores).loss.backward()
+    clip, optimizer.step, scheduler.step, log, checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from mmpref.adapters import Adapter
+from mmpref.config import OptimConfig, RunConfig, TrainConfig, build_objectives, config_to_dict
+from mmpref.errors import CheckpointError, MmprefError, writing_to
+from mmpref.io import atomic_dir, write_text_atomic
+from mmpref.modalities import get_adapter_class
+from mmpref.online.source import OnlineSource
+
+from . import run_folder
+from .checkpoint import flatten_loss_states, load_checkpoint, newest_intact, save_checkpoint
+from .curves import plot_curves
+from .phases import Phase, phase_at, plan_phases
+
+
+class TrainingError(MmprefError, RuntimeError):
+    """Training stopped (non-finite loss, a failing batch); the message names the step and the phase."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    metrics: dict[str, float]  # the last logged metrics
+    output_dir: str
+    final_dir: str  # adapter.save_pretrained output
+    checkpoint: str | None  # newest complete checkpoint
+    metrics_file: str  # JSONL, one line per logged step
+    policy: nn.Module | None = field(default=None, repr=False)  # the trained (unwrapped) policy, in memory
+
+
+def _forget_earlier_runs() -> None:
+    """Let a second ``train()`` in one process use other ``cpu`` / ``mixed_precision`` / accumulation settings.
+
+    accelerate keeps its state in process-wide singletons and refuses changed settings. Outside a distributed launch
+    nothing else holds that state, so it is cleared, as accelerate's own test cases do between tests (a private
+    helper: there is no public one). Inside a launch the process group lives in it: it is kept, and settings must
+    match."""
+    if not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg``'s policy with its adapter and its loss (or phases of losses); see the module docstring.
+
+    The run lives in ``cfg.run.output_dir`` (rules: :mod:`mmpref.training.run_folder`): a new run claims an empty
+    folder only after the models and data have loaded and passed their checks; a folder holding the same run is
+    resumed from its newest intact checkpoint, exactly. Returns where the final model and the metrics are.
+    """
+    folder = run_folder.inspect(cfg)  # reads only: a launch that fails below leaves the folder as it was
+    with writing_to(folder.out):
+        return _train(cfg, folder)
+
+
+def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
+    run, out = cfg.run, folder.out
+    _forget_earlier_runs()
+    accelerator = Accelerator(
+        cpu=run.cpu,
+        mixed_precision=run.mixed_precision,
+        # we always feed whole accumulation windows, also across epoch ends: never sync at the end of a dataloader
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=run.grad_accum, sync_with_dataloader=False),
+        # shuffling is a function of (seed, epoch) only, so a resumed run sees exactly the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=run.seed),
+        log_with=_trackers(run.report_to),
+        project_dir=str(out),
+    )
+
+    # ----- model, data, objectives --------------------------------------------------------------------------------
+    set_seed(run.seed)  # identical initial weights on every process
+    objectives = build_objectives(cfg)  # one per phase; the only place they are built
+    adapter = get_adapter_class(cfg.modality)(cfg, objectives)  # refuses an objective it cannot serve
+    run_folder.check_data(folder, adapter.data_fingerprint())
+    losses = [o.loss for o in objectives]
+    adapter.setup(accelerator)  # once, for everything any phase needs
+    accelerator.wait_for_everyone()  # every process has inspected the folder before the main process claims it
+    if accelerator.is_main_process:
+        run_folder.commit(folder, cfg, adapter.data_fingerprint())
+    optimizer = _adamw(adapter.policy, cfg.optim)
+    if cfg.online is None:  # batches from the dataset
+        loader = DataLoader(
+            adapter.train_dataset,  # after setup: it may replace the dataset (e.g. add cached reference columns)
+            batch_size=run.batch_size,
+            shuffle=True,
+            collate_fn=adapter.collate,
+            num_workers=run.num_workers,
+            generator=torch.Generator().manual_seed(run.seed),  # keeps DataLoader seeding off the global RNG
+        )
+        policy, optimizer, loader = accelerator.prepare(adapter.policy, optimizer, loader)
+        stream = _DatasetStream(accelerator, loader, run.grad_accum)
+        plan = plan_phases(cfg, batches_per_epoch=len(loader))
+    else:  # batches from the policy's own samples, judged as they are drawn
+        policy, optimizer = accelerator.prepare(adapter.policy, optimizer)
+        stream = OnlineSource(cfg, adapter, accelerator, out)
+        plan = [Phase(0, objectives[0].phase, 0, stream.total_steps)]
+    eval_loader = _eval_loader(accelerator, adapter, run)
+    total = plan[-1].end
+    scheduler = get_scheduler(
+        {"constant": "constant_with_warmup"}.get(cfg.optim.scheduler, cfg.optim.scheduler),
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=total,
+    )
+    # not prepared: accelerate's wrapper steps the schedule num_processes times per step; ours counts optimizer steps
+
+    # ----- resume -------------------------------------------------------------------------------------------------
+    ckpt = _agreed(accelerator, lambda: newest_intact(out)) if folder.mode == "resume" else None
+    step = load_checkpoint(accelerator, ckpt, scheduler, losses) if ckpt else 0
+    if ckpt is None:
+        set_seed(run.seed, device_specific=True)  # different noise/timesteps per process from here on
+    else:
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    metrics_file = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics_file, step)  # drop lines a crashed run logged after its last checkpoint
+    if accelerator.log_with:  # the trackers asked for and installed; accelerator.trackers fills only here
+        accelerator.init_trackers("mmpref", config=_flat(config_to_dict(cfg)))
+
+    # ----- the loop -----------------------------------------------------------------------------------------------
+    batches = stream.batches(policy, first=step * run.grad_accum)
+    bar = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    last: dict[str, float] = {}
+    phase: Phase | None = None
+    started = time.perf_counter()
+    while step < total:
+        if phase is None or not phase.start <= step < phase.end:
+            phase = phase_at(plan, step)
+            if accelerator.is_main_process:
+                bar.write(f"phase {phase.name!r} ({phase.index + 1}/{len(plan)}): steps {phase.start}..{phase.end}")
+        loss = objectives[phase.index].loss
+        policy.train()
+        with _context(step, phase):
+            local, finite = [], True
+            for _ in range(run.grad_accum):
+                with accelerator.accumulate(policy):  # no_sync on all but the last; loss / grad_accum in backward
+                    res = loss(adapter.scores(policy, next(batches), loss))
+                    accelerator.backward(res.loss)
+                finite &= bool(torch.isfinite(res.loss.detach()))
+                local.append({**_floats(res.metrics), **adapter.step_metrics(), **stream.step_metrics(),
+                              "loss": res.loss.item()})
+            assert accelerator.sync_gradients, "accumulation window out of step with grad_accum"
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm or math.inf)
+            if run.mixed_precision != "fp16":  # fp16's scaler skips inf steps by design; elsewhere they corrupt
+                finite &= bool(torch.isfinite(grad_norm))
+            _stop_if_not_finite(accelerator, finite, step, phase, out)
+            lr = scheduler.get_last_lr()[0]  # the rate this update used
+            optimizer.step()
+            if not optimizer.step_was_skipped:  # fp16 overflow steps leave the schedule where it is
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % run.log_every == 0 or step == total:
+            last = _mean_over_processes(_mean(local))
+            last.update(step=step, phase=phase.name, lr=lr, grad_norm=float(grad_norm))
+            last.update(epoch=stream.epoch(step), elapsed_s=time.perf_counter() - started)
+            _log(accelerator, metrics_file, last)
+            bar.set_postfix(loss=f"{last['loss']:.4g}", phase=phase.name)
+        if eval_loader is not None and step % run.eval_every == 0:
+            _log(accelerator, metrics_file, {"step": step, **_evaluate(adapter, policy, loss, eval_loader)})
+        if step % run.save_every == 0 or step == total:
+            state = {"phase": phase.name, "epoch": stream.epoch(step)}
+            ckpt = save_checkpoint(accelerator, out, step, state, keep=run.keep_checkpoints, scheduler=scheduler,
+                                   loss_states=flatten_loss_states(losses))
+    bar.close()
+
+    final = out / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_final(adapter, accelerator.unwrap_model(policy), final)
+        if metrics_file.exists():
+            plot_curves(metrics_file)  # training_curves.png beside metrics.jsonl
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(step=step, metrics=last, output_dir=str(out), final_dir=str(final),
+                       checkpoint=str(ckpt) if ckpt else None, metrics_file=str(metrics_file), policy=adapter.policy)
+
+
+def _agreed(accelerator: Accelerator, fn: Any) -> Any:
+    """``fn()`` on the main process, its result (or its error) shared with every process."""
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [("ok", fn())]
+        except MmprefError as e:
+            box = [("error", str(e))]
+    if accelerator.num_processes > 1:
+        box = broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
+# ----- pieces of the loop -------------------------------------------------------------------------------------------
+class _DatasetStream:
+    """The batches of an offline run: the prepared DataLoader, epoch after epoch (an online run's counterpart is
+    :class:`mmpref.online.source.OnlineSource`)."""
+
+    def __init__(self, accelerator: Accelerator, loader: Any, grad_accum: int):
+        self.accelerator, self.loader, self.grad_accum = accelerator, loader, grad_accum
+
+    def batches(self, policy: nn.Module, first: int) -> Iterator[dict]:
+        """An endless stream of batches over epochs, starting at micro-batch ``first`` (0 for a fresh run)."""
+        epoch, skip = divmod(first, len(self.loader))
+        while True:
+            self.loader.set_epoch(epoch)
+            yield from self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            epoch, skip = epoch + 1, 0
+
+    def epoch(self, step: int) -> float:
+        return step * self.grad_accum / len(self.loader)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+
+@contextmanager
+def _context(step: int, phase: Phase) -> Iterator[None]:
+    """Failures inside a step are re-raised naming the step and phase."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as e:
+        raise TrainingError(f"step {step + 1} (phase {phase.name!r}) failed: {type(e).__name__}: {e}") from e
+
+
+def _stop_if_not_finite(accelerator: Accelerator, finite: bool, step: int, phase: Phase, out: Path) -> None:
+    """All processes agree (one collective) and stop before the optimizer step, so no corrupted state is saved."""
+    bad = accelerator.reduce(torch.tensor(0.0 if finite else 1.0, device=accelerator.device), "sum")
+    if bad.item() > 0:
+        raise TrainingError(
+            f"non-finite loss at step {step + 1} (phase {phase.name!r}) on {int(bad.item())} process(es); "
+            f"stopped before the update; the last good checkpoint in {out} is kept"
+        )
+
+
+def _adamw(policy: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; biases and norms (ndim < 2) without weight decay, as in nanoGPT."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the policy has no trainable parameters (requires_grad=False everywhere)")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def _floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean, ignoring NaN (e.g. an unpaired micro-batch without undesirable rows)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r and not math.isnan(r[k])]
+        out[k] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
+def _mean_over_processes(local: dict[str, float]) -> dict[str, float]:
+    """Average over processes; tolerant of keys only some processes have (e.g. timestep bins)."""
+    return _mean(gather_object([local]))
+
+
+def _log(accelerator: Accelerator, path: Path, metrics: dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    if accelerator.trackers:
+        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+
+
+def _eval_loader(accelerator: Accelerator, adapter: Adapter, run: RunConfig) -> Any | None:
+    if not run.eval_every or adapter.eval_dataset is None:
+        return None
+    loader = DataLoader(adapter.eval_dataset, batch_size=run.batch_size, collate_fn=adapter.collate)
+    return accelerator.prepare_data_loader(loader)  # prepared once: save_state/load_state count dataloaders
+
+
+@torch.no_grad()
+def _evaluate(adapter: Adapter, policy: nn.Module, loss: Any, loader: Any) -> dict[str, float]:
+    policy.eval()
+    rows = [{**_floats(loss(adapter.scores(policy, b, loss)).metrics), **adapter.step_metrics()} for b in loader]
+    policy.train()
+    return {f"eval/{k}": v for k, v in _mean_over_processes(_mean(rows)).items()}
+
+
+def _save_final(adapter: Adapter, policy: nn.Module, final: Path) -> None:
+    """adapter.save_pretrained into a temp folder that then takes ``final``'s place: never half-written."""
+    with atomic_dir(final) as tmp:
+        adapter.save_pretrained(policy, str(tmp))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines logged up to ``step``; a partial last line (a kill mid-write) is dropped, not fatal."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _trackers(report_to: list[str]) -> list[str] | None:
+    """The requested accelerate trackers that are installed (missing ones are skipped with a warning)."""
+    available = {str(t) for t in get_available_trackers()}
+    missing = [t for t in report_to if t not in available]
+    if missing:
+        print(f"mmpref: trackers not installed, skipped: {missing}")
+    return [t for t in report_to if t in available] or None
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat scalar dict for trackers' hparams."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
