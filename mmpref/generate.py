@@ -34,6 +34,8 @@ GENERATIONS = "generations.jsonl"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpref generate", description="Generate audio with a Tango pipeline.")
     p.add_argument("--model", required=True, help="TangoPipeline folder, or preset:NAME (e.g. preset:tiny)")
+    p.add_argument("--tokenizer", help="audio: a local FLAN-T5 tokenizer folder, replacing (or supplying) the "
+                                       "pipeline's")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line (blank lines skipped)")
     p.add_argument("--out", required=True, help="output folder")
@@ -144,7 +146,7 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
 
-def load_pipeline(model: str, dtype: torch.dtype | None = None):
+def load_pipeline(model: str, dtype: torch.dtype | None = None, tokenizer: str | None = None):
     from mmpref.models.tango import TangoPipeline
     from mmpref.models.tango.presets import PRESETS
 
@@ -152,10 +154,12 @@ def load_pipeline(model: str, dtype: torch.dtype | None = None):
         name = model.split(":", 1)[1]
         if name not in PRESETS:
             raise DataError(f"--model: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return TangoPipeline.from_preset(name)
+        return TangoPipeline.from_preset(name, tokenizer=tokenizer)
     check_source(model, "--model", "a TangoPipeline folder (or preset:NAME)")
+    if tokenizer is not None:
+        check_source(tokenizer, "--tokenizer", "a tokenizer folder")
     with loading("--model", model, "a TangoPipeline folder"):
-        return TangoPipeline.from_pretrained(model, torch_dtype=dtype)
+        return TangoPipeline.from_pretrained(model, torch_dtype=dtype, tokenizer=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     with writing_to(out):
         if is_text_model(args.model):
             return _generate_text(args, prompts, out, dtype)
-        return _generate(args, prompts, out, load_pipeline(args.model, dtype).to(args.device, dtype))
+        return _generate(args, prompts, out, load_pipeline(args.model, dtype, args.tokenizer).to(args.device, dtype))
 
 
 def is_text_model(model: str) -> bool:
     """A causal LM folder: a transformers ``config.json`` and no pipeline index."""
     path = Path(model)
     return (path / "config.json").is_file() and not (path / "pipeline.json").exists() \
-        and not (path / "model_index.json").exists()
+        and not (path / "model_index.json").exists()  # a pipeline folder (either layout) is not a text model
 
 
 def _generate_text(args: argparse.Namespace, prompts: list[str], out: Path, dtype: torch.dtype) -> int:

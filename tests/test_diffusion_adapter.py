@@ -419,6 +419,32 @@ def test_save_pretrained_full_pipeline(grouped, tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_lora_final_is_a_whole_pipeline_with_the_adapter_fused(sets, tmp_path):
+    """A LoRA run's final/ loads as a TangoPipeline whose UNet predicts exactly what the LoRA policy predicts, and
+    mmpref generate samples from it; the adapter alone is there too, and the policy keeps its adapter."""
+    from mmpref.generate import main as generate
+    from mmpref.models.tango import TangoPipeline
+
+    adapter = make(sets["grouped"], tmp_path / "c", ref="lora", lora=True)
+    with torch.no_grad():  # a trained-looking adapter: non-zero LoRA B matrices
+        for n, p in adapter.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    adapter.save_pretrained(adapter.policy, str(tmp_path / "final"))
+    loaded = TangoPipeline.from_pretrained(tmp_path / "final")
+    assert not any("lora" in k for k in loaded.unet.state_dict()) and (tmp_path / "final" / "unet_lora").is_dir()
+    x = torch.randn(2, *adapter.pipe.latent_shape(1.0))
+    t, h = torch.tensor([10, 500]), torch.randn(2, 3, loaded.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        want = adapter.policy(x, t, encoder_hidden_states=h).sample
+        got = loaded.unet(x, t, encoder_hidden_states=h).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert any("lora" in n for n, _ in adapter.policy.named_parameters())  # the policy keeps training with it
+    assert generate(["--model", str(tmp_path / "final"), "--prompt", "a dog barks", "--out", str(tmp_path / "wav"),
+                     "--steps", "2", "--duration", "0.5"]) == 0
+    assert len(list((tmp_path / "wav").glob("*.wav"))) == 1
+
+
 # ----------------------------------------------------------------------------------------------- bad audio
 def _bad_set(root: Path) -> tuple[Path, dict[str, str]]:
     path = make_tiny_preference_set(root, n=6, k=1)

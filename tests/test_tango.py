@@ -126,9 +126,16 @@ def test_encode_text_masks_padding(pipe):
 
 def test_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "p")
-    meta = json.loads((tmp_path / "p" / "pipeline.json").read_text())
-    assert meta["components"]["unet"] == ["diffusers", "UNet2DConditionModel"]
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())  # diffusers' layout
+    assert index["_class_name"] == "TangoPipeline" and index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["tokenizer"] == ["transformers", "AutoTokenizer"] and not (tmp_path / "p" / "pipeline.json").exists()
     assert (tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # diffusers' own loaders read the parts
+
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "p", subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(tmp_path / "p", subfolder="vae")
+    for mine, theirs in ((pipe.unet, unet), (pipe.vae, vae)):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
     loaded = TangoPipeline.from_pretrained(tmp_path / "p")
     assert loaded.mel_config == pipe.mel_config
     np.testing.assert_array_equal(loaded(PROMPTS[:2], seed=1, **KW), pipe(PROMPTS[:2], seed=1, **KW))
@@ -137,9 +144,39 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert TangoPipeline.from_pretrained(tmp_path / "p", unet=pipe.unet).unet is pipe.unet
 
 
-def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+def test_from_pretrained_errors(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model_index.json or pipeline.json"):
         TangoPipeline.from_pretrained(tmp_path)
+    (tmp_path / "ldm2").mkdir()
+    (tmp_path / "ldm2" / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDM2Pipeline"}))
+    with pytest.raises(ValueError, match="holds a diffusers AudioLDM2Pipeline.*TangoPipeline folders only"):
+        TangoPipeline.from_pretrained(tmp_path / "ldm2")
+    no_tok = TangoPipeline(pipe.text_encoder, None, pipe.unet, pipe.vae, pipe.vocoder, pipe.scheduler)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        no_tok.save_pretrained(tmp_path / "x")
+
+
+def test_old_pipeline_json_folders_load_and_the_tokenizer_can_be_given(pipe, tmp_path):
+    """A folder from before model_index.json (pipeline.json, "AutoTokenizer") still loads; a folder whose tokenizer is
+    missing (as Tango's conversions used to write) loads with tokenizer= and is refused without it."""
+    pipe.save_pretrained(tmp_path / "p")
+    (tmp_path / "tok").mkdir()
+    pipe.tokenizer.save_pretrained(tmp_path / "tok")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    old = {"_class_name": "TangoPipeline", "mel_config": index["_mmpref"]["mel_config"],
+           "components": {n: index[n] for n in ("text_encoder", "unet", "vae", "vocoder", "scheduler")}}
+    old["components"]["tokenizer"] = None  # the converted-checkpoint case
+    (tmp_path / "p" / "model_index.json").unlink()
+    (tmp_path / "p" / "pipeline.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="no tokenizer.*pass tokenizer="):
+        TangoPipeline.from_pretrained(tmp_path / "p")
+    loaded = TangoPipeline.from_pretrained(tmp_path / "p", tokenizer=str(tmp_path / "tok"))
+    np.testing.assert_array_equal(loaded(PROMPTS[:1], seed=1, **KW), pipe(PROMPTS[:1], seed=1, **KW))
+    from mmpref.cli import main
+
+    args = ["generate", "--model", str(tmp_path / "p"), "--prompt", "rain", "--steps", "2", "--duration", "0.5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 1  # one line: no tokenizer, pass --tokenizer
+    assert main([*args, "--out", str(tmp_path / "b"), "--tokenizer", str(tmp_path / "tok")]) == 0
 
 
 def test_tango_checkpoint_conversion(pipe, tmp_path):
@@ -247,12 +284,13 @@ def test_griffin_lim_vocoder_round_trips(pipe, tmp_path):
         _without_neural_vocoder(pipe, "hifigan")
     mels = pipe(PROMPTS[:1], seed=2, output_type="mel", **KW)
     expected = GriffinLimVocoder(pipe.mel_config)(mels)  # the default settings
-    for vocoder, saved in ((None, None), ("griffin_lim", ["mmpref", "GriffinLimVocoder"])):
+    for vocoder, saved in ((None, None), ("griffin_lim", "griffin_lim")):
         gl = _without_neural_vocoder(pipe, vocoder)
         torch.testing.assert_close(gl.mel_to_wave(mels), expected, rtol=0, atol=0)
         gl.save_pretrained(tmp_path / str(vocoder))
-        meta = json.loads((tmp_path / str(vocoder) / "pipeline.json").read_text())
-        assert meta["components"]["vocoder"] == saved and not (tmp_path / str(vocoder) / "vocoder").exists()
+        index = json.loads((tmp_path / str(vocoder) / "model_index.json").read_text())
+        assert index["vocoder"] == [None, None] and index["_mmpref"].get("vocoder") == saved
+        assert not (tmp_path / str(vocoder) / "vocoder").exists()
         assert TangoPipeline.from_pretrained(tmp_path / str(vocoder)).vocoder.__class__ is gl.vocoder.__class__
     custom = _without_neural_vocoder(pipe, GriffinLimVocoder(pipe.mel_config, n_iter=3, seed=9))
     loaded = TangoPipeline.from_pretrained(custom.save_pretrained(tmp_path / "custom"))
@@ -274,3 +312,37 @@ def test_generate_cli_without_neural_vocoder(pipe, tmp_path):
     assert wave.shape == (8000,) and np.abs(expected).max() > 1e-3
     # PCM-16 WAV of the Griffin-Lim wave (clipped: a random VAE's log-mels are loud)
     np.testing.assert_allclose(wave, np.clip(expected, -1, 1), atol=2 / 32768)
+
+
+def test_sampling_timesteps_match_tangos_diffusers():
+    """Tango samples with diffusers 0.15.0.dev0 (vendored in its repository), whose DDPM set_timesteps is
+    arange(0, n) * (1000 // n), reversed, with no steps_offset."""
+    from mmpref.models.tango.presets import build_scheduler, preset_config
+
+    for name in ("tango", "tiny"):
+        sched = build_scheduler(preset_config(name)["scheduler"])
+        for n in (100, 200, 50):
+            sched.set_timesteps(n)
+            assert sched.timesteps.tolist() == [i * (1000 // n) for i in range(n)][::-1]
+
+
+def test_conversion_reads_the_unet_architecture_from_main_config(pipe, tmp_path, monkeypatch):
+    """The UNet is built from the config main_config.json names (found beside the checkpoint), not from the preset;
+    without a tokenizer the conversion refuses before reading any weights, naming the text encoder to pass."""
+    from mmpref.models.tango import presets
+
+    cfg = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    cfg.update(block_out_channels=[32, 48], attention_head_dim=[2, 3])  # not the tiny preset's UNet
+    other = TangoPipeline(pipe.text_encoder, pipe.tokenizer, presets.build_unet(cfg), pipe.vae, pipe.vocoder,
+                          pipe.scheduler)
+    save_tango_checkpoint(other, tmp_path)
+    (tmp_path / "diffusion_model_config.json").write_text(json.dumps(cfg))  # main_config names configs/<this>
+    loaded = TangoPipeline.from_tango_checkpoint(tmp_path, preset="tiny")
+    assert list(loaded.unet.config.block_out_channels) == [32, 48]
+    assert all(torch.equal(a, b) for a, b in zip(other.unet.state_dict().values(), loaded.unet.state_dict().values()))
+    (tmp_path / "diffusion_model_config.json").unlink()  # not found: the preset's UNet, which does not fit
+    with pytest.raises(ValueError, match="has shape"):
+        TangoPipeline.from_tango_checkpoint(tmp_path, preset="tiny")
+    monkeypatch.setitem(presets.PRESETS["tiny"], "tokenizer", None)
+    with pytest.raises(ValueError, match="ships no tokenizer; pass tokenizer=<a local copy of google/flan-t5-large>"):
+        TangoPipeline.from_tango_checkpoint(tmp_path, preset="tiny")

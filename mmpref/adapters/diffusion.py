@@ -72,7 +72,8 @@ class DiffusionModelConfig:
     """The ``model:`` section of a diffusion run.
 
     pipeline: a :class:`TangoPipeline` folder, or a preset (``tiny``, ``tango``: random weights, for tests and
-        benchmarks). ``tokenizer``: a local FLAN-T5 tokenizer for the ``tango`` preset.
+        benchmarks). ``tokenizer``: a local FLAN-T5 tokenizer folder; for the ``tango`` preset, and for a pipeline
+        folder it replaces the folder's tokenizer (or supplies one a folder lacks).
     prediction_type: override the scheduler's (``epsilon`` | ``v_prediction``; Tango: v_prediction).
     weighting: ``w(t)`` in ``lp = -1/2 w(t) mse``: ``none`` (w = 1, Tango 2), ``epsilon`` (the epsilon-MSE
         equivalent: ``alpha_bar(t)`` for v-prediction, since ``||eps - eps^||^2 = alpha_bar ||v - v^||^2``; 1 for
@@ -664,13 +665,18 @@ class DiffusionAdapter(Adapter):
         return out
 
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
-        """LoRA: the adapter alone (diffusers' ``save_lora_adapter``); otherwise the whole pipeline."""
+        """The whole pipeline, usable as it is by ``mmpref generate`` and ``TangoPipeline.from_pretrained``. With
+        LoRA the adapter is fused into a copy of the UNet first (the trained policy keeps its adapter), and the
+        adapter alone is also saved in ``unet_lora/`` (diffusers' ``save_lora_adapter``), to load onto the base."""
         path = Path(path)
+        unet = policy
         if self.cfg.lora.enabled:
             policy.save_lora_adapter(str(path / "unet_lora"))
-            return
+            unet = copy.deepcopy(policy)
+            unet.fuse_lora()
+            unet.unload_lora()
         pipe = copy.copy(self.pipe)
-        pipe.unet = policy
+        pipe.unet = unet
         pipe.scheduler = self.scheduler
         pipe.save_pretrained(path)
 
@@ -686,7 +692,7 @@ def load_pipeline(mcfg: DiffusionModelConfig, path: str | None = None) -> Any:
     key = "reference.path" if path else "model.pipeline"
     check_source(source, key, f"a TangoPipeline folder or a preset name ({', '.join(PRESETS)})")
     with loading(key, source, "a TangoPipeline folder"):
-        return TangoPipeline.from_pretrained(source)
+        return TangoPipeline.from_pretrained(source, tokenizer=mcfg.tokenizer)
 
 
 def _training_scheduler(scheduler: Any, prediction_type: str | None) -> Any:

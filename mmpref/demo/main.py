@@ -13,11 +13,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 from mmpref.errors import ConfigError
-from mmpref.yaml_config import RECIPES, resolve_config
 from mmpref.io import claim_folder, remove_owned
+from mmpref.yaml_config import RECIPES, resolve_config
 
 CONFIG_DIR = RECIPES
 OWNER = "mmpref demo"

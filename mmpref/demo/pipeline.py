@@ -197,7 +197,7 @@ def demo_unet(seed: int, channels: list[int]):
 def init_pipeline_stage(cfg: DemoConfig, run: Path, seed: int) -> dict:
     """A TangoPipeline folder with the trained VAE, a random UNet, the tiny T5 (taught the world's captions when
     ``text_encoder.steps`` > 0, else random), a DDIM sampler and a Griffin-Lim
-    vocoder (no weights, recorded in pipeline.json: ``mmpref generate`` works on every demo pipeline folder)."""
+    vocoder (no weights, recorded in model_index.json: ``mmpref generate`` works on every demo pipeline folder)."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from mmpref.models.tango import TangoPipeline

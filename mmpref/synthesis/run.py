@@ -188,7 +188,7 @@ def load_pipeline(cfg: SynthConfig):
 
     if cfg.pipeline.startswith("preset:"):
         return TangoPipeline.from_preset(cfg.pipeline.split(":", 1)[1], tokenizer=cfg.tokenizer)
-    return TangoPipeline.from_pretrained(cfg.pipeline)
+    return TangoPipeline.from_pretrained(cfg.pipeline, tokenizer=cfg.tokenizer)
 
 
 def load_scorers(cfg: SynthConfig, device) -> dict:

@@ -7,7 +7,9 @@ A Tango / Tango 2 checkpoint folder (e.g. ``declare-lab/tango2``, downloaded by 
 * ``pytorch_model_vae.bin`` + ``vae_config.json``: AudioLDM's own ``AutoencoderKL`` (LDM names: ``encoder.down.0
   .block.0.conv1``, ``mid.attn_1.q`` as 1x1 convs, ...) with its HiFi-GAN under ``vocoder.*`` (``ups.i`` for the
   upsamplers, weight norm already removed);
-* ``main_config.json`` (names FLAN-T5 and the scheduler; informational).
+* ``main_config.json``: Tango's ``AudioDiffusion`` arguments: ``text_encoder_name`` (FLAN-T5, named in errors),
+  ``scheduler_name`` and ``unet_model_config_path``, the UNet architecture (a JSON file in Tango's repository,
+  ``configs/diffusion_model_config.json``), read when it can be found (beside the checkpoint, or as given).
 
 The maps below are built from the *target* modules' own state-dict keys (diffusers name -> original name), so
 converting is a lookup plus a reshape (1x1 conv <-> linear), and the inverse (:func:`save_tango_checkpoint`)
@@ -225,8 +227,10 @@ def load_tango_checkpoint(
     ``path_or_dir``: the checkpoint folder, or the main weights file (then ``vae_path`` names the VAE file).
     ``text_encoder``: a local FLAN-T5 folder or a ``T5EncoderModel``; needed unless the main weights carry
     ``text_encoder.*``. ``tokenizer``: a tokenizer or local path (default: the ``text_encoder`` folder, or the
-    preset's). Architecture configs come from ``preset`` except the VAE (``vae_config.json`` when present) and
-    ``unet_config`` (a dict or Tango's ``diffusion_model_config.json``). Nothing is downloaded.
+    preset's); Tango's checkpoints ship none, so without one the conversion refuses, naming what to pass.
+    The UNet architecture comes from ``unet_config`` (a dict or a JSON file), else from the file the checkpoint's
+    ``main_config.json`` names (``unet_model_config_path``, looked up beside the checkpoint, then as given), else
+    from ``preset``; the VAE's from ``vae_config.json`` when present. Nothing is downloaded.
     """
     from mmpref.models.tango.tokenizer import resolve_tokenizer
 
@@ -239,14 +243,24 @@ def load_tango_checkpoint(
     if vae_file is None or not vae_file.is_file():
         raise FileNotFoundError(f"no AudioLDM VAE weights ({' / '.join(VAE_FILES)}) next to {path}")
     cfg = presets.preset_config(preset)
+    main_cfg = _read_json(folder / "main_config.json") or {}
+    if main_cfg.get("unet_model_name") and not main_cfg.get("unet_model_config_path"):
+        raise NotImplementedError(f"{folder / 'main_config.json'}: a Tango built on a pre-trained image UNet "
+                                  "(unet_model_name, with group_in/group_out adapters) is not supported")
+    unet_config = unet_config if unet_config is not None else _unet_config_file(folder, main_cfg)
     if unet_config is not None:
         cfg["unet"] = unet_config if isinstance(unet_config, dict) else json.loads(Path(unet_config).read_text())
+        cfg["unet"] = {k: v for k, v in cfg["unet"].items() if not k.startswith("_")}  # diffusers' bookkeeping
     vae_json = _read_json(folder / "vae_config.json")
     if vae_json is not None:
         cfg["vae"] = audioldm_vae_config_to_diffusers(vae_json)
     if scaling_factor is not None:
         cfg["vae"]["scaling_factor"] = scaling_factor
 
+    if tokenizer is None and not isinstance(text_encoder, str | os.PathLike) and cfg["tokenizer"] is None:
+        name = main_cfg.get("text_encoder_name", "google/flan-t5-large")  # checked before any weight is read
+        raise ValueError(f"{folder}: the checkpoint ships no tokenizer; pass tokenizer=<a local copy of {name}> "
+                         f"(or text_encoder=<that folder>, whose tokenizer is then used)")
     main = _strip(_read_state_dict(main_file), ("module.",))
     vae_sd = fold_weight_norm(_strip(_read_state_dict(vae_file)))
     n_up = len(cfg["vae"]["up_block_types"])
@@ -262,6 +276,20 @@ def load_tango_checkpoint(
     pipe = pipeline_cls(text_encoder=text_encoder, tokenizer=tok, unet=unet, vae=vae, vocoder=vocoder,
                         scheduler=presets.build_scheduler(cfg["scheduler"]))
     return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
+
+
+def _unet_config_file(folder: Path, main_cfg: dict) -> Path | None:
+    """The UNet config ``main_config.json`` names, if it can be found: beside the checkpoint (its name, or its path
+    relative to the folder), or the path as given (relative to the working directory, as Tango resolves it)."""
+    named = main_cfg.get("unet_model_config_path")
+    if not named:
+        return None
+    for candidate in (folder / Path(named).name, folder / named, Path(named)):
+        if candidate.is_file():
+            return candidate
+    logger.warning("main_config.json names the UNet config %s, which is not beside the checkpoint; using the "
+                   "built-in Tango architecture (pass unet_config=<that file> to use it)", named)
+    return None
 
 
 def _text_encoder(spec, te_sd: dict, cfg: dict) -> tuple[nn.Module, Any]:

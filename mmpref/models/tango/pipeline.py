@@ -6,8 +6,11 @@ guidance -> AutoencoderKL decodes a log-mel (B, frames, 64) -> SpeechT5HifiGan v
 A pipeline without a trained vocoder (``vocoder=None`` or ``"griffin_lim"``) turns log-mels into waves with
 :class:`~mmpref.audio.GriffinLimVocoder` (no weights; crude but always available).
 
-Every part is saved in its own subfolder with its own ``save_pretrained`` (safetensors); ``pipeline.json`` names
-the classes and holds the :class:`~mmpref.audio.MelConfig` (and the Griffin-Lim settings, when that is the vocoder).
+Saved in diffusers' own layout: every part in its own subfolder with its own ``save_pretrained`` (safetensors), and
+``model_index.json`` naming each part's library and class, as diffusers writes it, so diffusers' and transformers'
+loaders read the parts (``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")``). mmpref's own settings
+(the :class:`~mmpref.audio.MelConfig`, and the Griffin-Lim settings when that is the vocoder) sit under its
+``_mmpref`` key, which diffusers ignores. Folders written before (a ``pipeline.json`` instead) still load.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from mmpref.models.attention import DEFAULT_SDPA_BACKENDS, attention_kernels
 from mmpref.models.tango import presets
 from mmpref.models.tango.tokenizer import resolve_tokenizer
 
-PIPELINE_FILE = "pipeline.json"
+PIPELINE_FILE = "pipeline.json"  # the layout before model_index.json; still read
+MODEL_INDEX = "model_index.json"
 COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "vocoder", "scheduler")
 # the only classes pipeline.json may name (no arbitrary imports from a config file)
 _LOADABLE = {
@@ -89,17 +93,17 @@ class TangoPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         **overrides: Any) -> TangoPipeline:
-        """Load a folder written by :meth:`save_pretrained`; ``overrides`` replace parts (e.g. ``unet=...``)."""
+        """Load a folder written by :meth:`save_pretrained`; ``overrides`` replace parts (e.g. ``unet=...``;
+        ``tokenizer`` may be a tokenizer or a local folder). A pipeline must end up with a tokenizer."""
         path = Path(path)
-        try:
-            meta = json.loads((path / PIPELINE_FILE).read_text())
-        except OSError as e:
-            raise FileNotFoundError(f"{path} is not a TangoPipeline folder (no readable {PIPELINE_FILE})") from e
+        meta = _read_index(path)
+        if "tokenizer" in overrides:
+            overrides["tokenizer"] = resolve_tokenizer(overrides["tokenizer"])
         parts = {}
         mel_config = MelConfig.from_dict(meta["mel_config"])
         for name in COMPONENTS:
             spec = meta["components"].get(name)
-            if name in overrides:
+            if name in overrides and overrides[name] is not None:
                 parts[name] = overrides.pop(name)
             elif spec is not None and tuple(spec) == _GRIFFIN_LIM_SPEC:
                 try:
@@ -110,8 +114,13 @@ class TangoPipeline:
                 parts[name] = _load_component(path / name, tuple(spec), torch_dtype)
             else:
                 parts[name] = None
+            overrides.pop(name, None)
         if overrides:
             raise TypeError(f"unknown TangoPipeline parts: {sorted(overrides)}")
+        if parts["tokenizer"] is None:
+            raise ValueError(f"{path}: the pipeline has no tokenizer (Tango's checkpoints ship none); pass "
+                             "tokenizer=<a local FLAN-T5 tokenizer folder> (model.tokenizer in a config, --tokenizer "
+                             "for mmpref generate)")
         return cls(**parts, mel_config=mel_config)
 
     @classmethod
@@ -122,25 +131,32 @@ class TangoPipeline:
         return load_tango_checkpoint(cls, path_or_dir, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write diffusers' layout (see the module docstring); refuses a pipeline without a tokenizer, which
+        could not encode a prompt once loaded."""
+        if self.tokenizer is None:
+            raise ValueError("TangoPipeline.save_pretrained: the pipeline has no tokenizer, so the saved folder "
+                             "could not encode prompts; set one first (e.g. tokenizer=<local FLAN-T5 folder> when "
+                             "loading a Tango checkpoint)")
+        import diffusers
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        components = {}
-        meta: dict[str, Any] = {"_class_name": type(self).__name__, "mel_config": self.mel_config.to_dict()}
+        index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__}
+        own: dict[str, Any] = {"mel_config": self.mel_config.to_dict()}
         for name in COMPONENTS:
             part = getattr(self, name)
-            if part is None:
-                components[name] = None
-                continue
-            if isinstance(part, GriffinLimVocoder):  # settings only: nothing to save in a subfolder
-                components[name] = list(_GRIFFIN_LIM_SPEC)
-                meta["griffin_lim"] = part.to_dict()
+            if part is None or isinstance(part, GriffinLimVocoder):  # settings only: nothing in a subfolder
+                index[name] = [None, None]  # diffusers' way of saying "no such part"
+                if part is not None:
+                    own["griffin_lim"], own["vocoder"] = part.to_dict(), GRIFFIN_LIM
                 continue
             part.save_pretrained(path / name)
             lib = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
-            cls_name = "AutoTokenizer" if name == "tokenizer" else type(part).__name__
-            components[name] = [lib, cls_name]
-        meta["components"] = components
-        write_json_atomic(path / PIPELINE_FILE, meta, indent=2)  # written last: its presence marks a complete folder
+            # AutoTokenizer: loads with any transformers version (the concrete class name changed in v5)
+            index[name] = [lib, "AutoTokenizer" if name == "tokenizer" else type(part).__name__]
+        index["_mmpref"] = own
+        (path / PIPELINE_FILE).unlink(missing_ok=True)  # a folder re-saved in place keeps one index
+        write_json_atomic(path / MODEL_INDEX, index, indent=2)  # written last: its presence marks a complete folder
         return path
 
     # ------------------------------------------------------------------ placement
@@ -373,10 +389,36 @@ def _sample_generators(n: int, generator: torch.Generator | list[torch.Generator
     return [torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0])) for s in states]
 
 
+def _read_index(path: Path) -> dict[str, Any]:
+    """``{"mel_config", "components", "griffin_lim"?}`` from ``model_index.json`` or an older ``pipeline.json``."""
+    index_file, old_file = path / MODEL_INDEX, path / PIPELINE_FILE
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        if index.get("_class_name") != "TangoPipeline":
+            raise ValueError(f"{path} holds a diffusers {index.get('_class_name')} (model_index.json); mmpref's "
+                             "diffusion adapter and generator support TangoPipeline folders only (mmpref saves them; "
+                             "TangoPipeline.from_tango_checkpoint converts Tango's checkpoints)")
+        own = index.get("_mmpref", {})
+        components = {n: (None if index.get(n) in (None, [None, None]) else tuple(index[n])) for n in COMPONENTS}
+        if own.get("vocoder") == GRIFFIN_LIM:
+            components["vocoder"] = _GRIFFIN_LIM_SPEC
+        return {"mel_config": own.get("mel_config", {}), "components": components,
+                "griffin_lim": own.get("griffin_lim", {})}
+    try:
+        return json.loads(old_file.read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"{path} is not a TangoPipeline folder (no {MODEL_INDEX} or {PIPELINE_FILE}); save "
+                                "one with TangoPipeline.save_pretrained") from e
+
+
 def _load_component(path: Path, spec: tuple[str, str], torch_dtype: torch.dtype | None) -> Any:
-    if spec not in _LOADABLE:
-        raise ValueError(f"{path}: {PIPELINE_FILE} names an unsupported class {spec}")
     lib, cls_name = spec
+    if path.name == "tokenizer" and lib == "transformers":  # whichever tokenizer class: AutoTokenizer reads it
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    if spec not in _LOADABLE:
+        raise ValueError(f"{path}: the pipeline index names an unsupported class {spec}")
     module = __import__(lib, fromlist=[cls_name])
     cls = getattr(module, cls_name)
     if cls_name == "AutoTokenizer" or cls_name.endswith("Scheduler"):

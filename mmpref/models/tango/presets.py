@@ -22,7 +22,10 @@ SCHEDULER = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "v_prediction",
     "clip_sample": False,
-    "steps_offset": 1,
+    # Stable Diffusion 2.1's scheduler config says steps_offset 1, but Tango samples with its vendored diffusers
+    # (0.15.0.dev0), whose DDPMScheduler.set_timesteps ignores steps_offset: 100 steps visit 990, 980, ..., 0. Later
+    # diffusers add the offset under "leading" spacing (991, ..., 1); 0 here reproduces Tango's timesteps.
+    "steps_offset": 0,
     "timestep_spacing": "leading",
 }
 
