@@ -73,4 +73,5 @@ def test_the_conversion_one_liner_names_real_api():
     from mmpref import TangoPipeline
 
     assert "from_tango_checkpoint" in line[-1] and hasattr(TangoPipeline, "from_tango_checkpoint")
+    assert "tokenizer=" in line[-1]  # Tango's checkpoints ship no tokenizer: the conversion refuses without one
     assert hasattr(TangoPipeline, "save_pretrained")
