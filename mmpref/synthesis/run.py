@@ -216,6 +216,8 @@ def _generate(pipeline, cfg: SynthConfig, cands: list[dict]) -> dict[str, np.nda
     by_steps: dict[int, list[dict]] = {}
     for c in cands:
         by_steps.setdefault(c["steps"], []).append(c)
+    # a shard of a real config takes minutes: show it clip by clip, under the shard bar
+    bar = tqdm(total=len(cands), desc="  clips of this shard", unit="clip", leave=False)
     for steps, group in sorted(by_steps.items()):
         for s in range(0, len(group), g.batch_size):
             batch = group[s: s + g.batch_size]
@@ -223,6 +225,8 @@ def _generate(pipeline, cfg: SynthConfig, cands: list[dict]) -> dict[str, np.nda
             audio = pipeline([c["text"] for c in batch], duration_s=g.duration_s, num_inference_steps=steps,
                              guidance_scale=g.guidance_scale, generator=gens, batch_size=len(batch))
             waves.update({c["id"]: a for c, a in zip(batch, audio)})
+            bar.update(len(batch))
+    bar.close()
     return waves
 
 
