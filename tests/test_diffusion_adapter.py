@@ -504,3 +504,30 @@ def test_every_grouped_loss_trains_or_is_refused_with_its_reason(grouped):
         served.append(name)
     assert {"dpo", "aot", "aot_unpaired", "discopop", "bco_pair", "logic", "hinge", "sppo"} <= set(served)
     assert not {"sigmoid_norm", "simpo", "ipo"} & set(served)  # token counts (ipo's default form="mean")
+
+
+def test_strategy_column_reaches_per_strategy_metrics(tmp_path):
+    """Audio-Alpaca's `strategy` is kept per group and `mmpref train` logs reward accuracy and margin per strategy,
+    equal to the same metrics computed over that strategy's groups by hand."""
+    from mmpref.config import load_config
+    from mmpref.losses import tagged_metrics
+    from mmpref.training import train
+
+    path = make_tiny_preference_set(tmp_path / "set", n=8, k=1)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["strategy"] = "concept" if i % 2 else "temporal"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    adapter = make(path, tmp_path / "cache")
+    batch = batch_of(adapter, 4)
+    assert batch["tags"] == ["temporal", "concept", "temporal", "concept"]
+    rewards = torch.tensor([[0.5, 0.1], [0.0, 0.3], [0.2, 0.2], [1.0, -1.0]])
+    got = tagged_metrics(rewards, batch["tags"])
+    assert got["rewards/accuracies/temporal"].item() == pytest.approx((1 + 0.5) / 2)
+    assert got["rewards/margins/concept"].item() == pytest.approx((-0.3 + 2.0) / 2)
+    cfg = load_config(str(Path(__file__).parents[1] / "configs" / "tango2_dpo_tiny.yaml"),
+                      [f"data.path={path}", f"data.cache_dir={tmp_path / 'c2'}", f"run.output_dir={tmp_path / 'run'}",
+                       "phases=[{name: dpo, loss: {dpo: {beta: 200}}, epochs: 1}]", "run.log_every=1"])
+    res = train(cfg)
+    logged = [json.loads(line) for line in Path(res.metrics_file).read_text().splitlines()]
+    assert all("rewards/accuracies/concept" in r and "rewards/margins/temporal" in r for r in logged if "loss" in r)

@@ -154,20 +154,24 @@ class _TrainSet(Dataset):
 class _CachedGroups(Dataset):
     """Groups as cached tensors: posterior ``(1+K, C, H, W)`` x2 and the prompt's encoding."""
 
-    def __init__(self, groups: list[tuple[int, tuple[int, ...]]], latents: ShardReader, text: ShardReader):
-        self.groups, self.latents, self.text = groups, latents, text
+    def __init__(self, groups: list[tuple[int, tuple[int, ...]]], latents: ShardReader, text: ShardReader,
+                 tags: list[str | None] | None = None):
+        self.groups, self.latents, self.text, self.tags = groups, latents, text, tags
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         prompt, clips = self.groups[i]
-        return {
+        row = {
             "mean": torch.stack([self.latents.row(c, "mean") for c in clips]),
             "std": torch.stack([self.latents.row(c, "std") for c in clips]),
             "hidden": self.text.row(prompt, "hidden"),
             "mask": self.text.row(prompt, "mask"),
         }
+        if self.tags:
+            row["tag"] = self.tags[i]
+        return row
 
 
 class _AudioGroups(Dataset):
@@ -182,7 +186,10 @@ class _AudioGroups(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         prompt, clips = self.groups[i]
         waves = [prepare_wave(self.index.read(c, self.sr), self.n) for c in clips]
-        return {"prompt": self.index.prompts[prompt], "wave": torch.stack(waves)}
+        row = {"prompt": self.index.prompts[prompt], "wave": torch.stack(waves)}
+        if self.index.tags:
+            row["tag"] = self.index.tag(self.groups[i])
+        return row
 
 
 def prepare_wave(wave: np.ndarray, n_samples: int) -> Tensor:
@@ -339,7 +346,8 @@ class DiffusionAdapter(Adapter):
                 for p, clips in groups]
         latents = ShardReader(directory, meta["latent_shards"], meta["shard_size"])
         text = ShardReader(directory, meta["text_shards"], meta["shard_size"])
-        self._dataset.inner = _CachedGroups(rows, latents, text)
+        tags = [self.index.tag(g) for g in groups] if self.index.tags else None
+        self._dataset.inner = _CachedGroups(rows, latents, text, tags)
         empty = prompt_row[""]
         self._uncond = (text.row(empty, "hidden"), text.row(empty, "mask"))
         return groups
@@ -447,14 +455,15 @@ class DiffusionAdapter(Adapter):
 
     # ----- batches ----------------------------------------------------------------------------------------------
     def collate(self, rows: list[dict]) -> dict:
+        tags = {"tags": [r["tag"] for r in rows]} if "tag" in rows[0] else {}  # per-strategy metrics (engine)
         if "wave" in rows[0]:
-            return {"prompts": [r["prompt"] for r in rows], "wave": torch.stack([r["wave"] for r in rows])}
+            return {"prompts": [r["prompt"] for r in rows], "wave": torch.stack([r["wave"] for r in rows]), **tags}
         hidden, mask = _pad_text([r["hidden"] for r in rows], [r["mask"] for r in rows])
         batch = {"mean": torch.stack([r["mean"] for r in rows]), "std": torch.stack([r["std"] for r in rows]),
                  "hidden": hidden, "mask": mask}
         if "win_prob" in rows[0]:  # soft labels of online SPPO groups
             batch["win_prob"] = torch.stack([torch.as_tensor(r["win_prob"]) for r in rows])
-        return batch
+        return {**batch, **tags}
 
     # ----- scores -----------------------------------------------------------------------------------------------
     def scores(self, policy: nn.Module, batch: dict, loss: LossRequirements) -> Scores:

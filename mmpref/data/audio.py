@@ -101,6 +101,12 @@ class PreferenceIndex:
     table: Any = None  # the datasets.Dataset, for embedded audio bytes
     fingerprint: str = ""  # of the data source (file content or datasets fingerprint) and the grouping
     dropped: dict[str, int] = field(default_factory=dict)
+    # (prompt id, winner clip id) -> the rows' `strategy` (Audio-Alpaca's column; "mixed" when rows merged by
+    # group_pairs disagree); empty without the column. Metrics are reported per strategy.
+    tags: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    def tag(self, group: tuple[int, tuple[int, ...]]) -> str | None:
+        return self.tags.get((group[0], group[1][0]))
 
     @property
     def num_losers(self) -> int:
@@ -131,6 +137,7 @@ def load_preference_index(cfg: AudioPreferenceDataConfig) -> PreferenceIndex:
     groups: list[tuple[int, list[int]]] = []
     by_pair: dict[tuple[int, int], int] = {}
     same: list[int] = []
+    tags: dict[tuple[int, int], str] = {}
     for row_id, row in enumerate(table):
         prompt = builder.prompt(row["prompt"], row_id)
         winner = builder.clip(row["chosen"], row_id, "chosen", -1)
@@ -140,6 +147,9 @@ def load_preference_index(cfg: AudioPreferenceDataConfig) -> PreferenceIndex:
         if winner in loser_ids:
             same.append(row_id)
             continue
+        if row.get("strategy") is not None:
+            key, tag = (prompt, winner), str(row["strategy"])
+            tags[key] = tag if tags.get(key, tag) == tag else "mixed"
         if cfg.group_pairs and (prompt, winner) in by_pair:
             groups[by_pair[(prompt, winner)]][1].extend(loser_ids)
             continue
@@ -153,7 +163,7 @@ def load_preference_index(cfg: AudioPreferenceDataConfig) -> PreferenceIndex:
     if cfg.max_groups is not None:
         final = final[: cfg.max_groups]
     fp = _hash([source_fp, schema, cfg.group_pairs, cfg.num_losers, cfg.max_groups, root and str(root)])
-    return PreferenceIndex(builder.prompts, builder.clips, final, table, fp, dropped)
+    return PreferenceIndex(builder.prompts, builder.clips, final, table, fp, dropped, tags)
 
 
 class _IndexBuilder:

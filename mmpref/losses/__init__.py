@@ -14,6 +14,7 @@ from .registry import (
     get_loss,
     loss_spec,
     register_loss,
+    tagged_metrics,
 )
 from .scores import Scores, ScoreView
 
@@ -28,4 +29,5 @@ __all__ = [
     "get_loss",
     "loss_spec",
     "register_loss",
+    "tagged_metrics",
 ]

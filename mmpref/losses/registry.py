@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -251,6 +251,21 @@ def reward_metrics(view: ScoreView, rewards: Tensor) -> dict[str, Tensor]:
         "logps/rejected": mean_or_nan(lp[~desirable]),
     }
     out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+def tagged_metrics(rewards: Tensor, tags: Sequence[str | None]) -> dict[str, Tensor]:
+    """``rewards/accuracies/<tag>`` and ``rewards/margins/<tag>`` over the groups of each tag (e.g. Audio-Alpaca's
+    ``strategy``), from grouped rewards ``(B, 1+K)``; ties count 1/2. Groups without a tag are left out."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2 or len(tags) != rewards.shape[0]:
+        return {}
+    pair = margin(rewards.detach())
+    won = (pair > 0).to(pair.dtype) + 0.5 * (pair == 0).to(pair.dtype)
+    out = {}
+    for tag in sorted({t for t in tags if t is not None}):
+        rows = torch.tensor([t == tag for t in tags], device=pair.device)
+        out[f"rewards/accuracies/{tag}"] = won[rows].mean()
+        out[f"rewards/margins/{tag}"] = pair[rows].mean()
     return out
 
 

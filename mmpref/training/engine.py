@@ -42,6 +42,7 @@ from mmpref.adapters import Adapter
 from mmpref.config import OptimConfig, RunConfig, TrainConfig, build_objectives, config_to_dict
 from mmpref.errors import CheckpointError, MmprefError, writing_to
 from mmpref.io import atomic_dir, write_text_atomic
+from mmpref.losses.registry import tagged_metrics
 from mmpref.modalities import get_adapter_class
 from mmpref.online.source import OnlineSource
 
@@ -171,11 +172,12 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
             local, finite = [], True
             for _ in range(run.grad_accum):
                 with accelerator.accumulate(policy):  # no_sync on all but the last; loss / grad_accum in backward
-                    res = loss(adapter.scores(policy, next(batches), loss))
+                    batch = next(batches)
+                    res = loss(adapter.scores(policy, batch, loss))
                     accelerator.backward(res.loss)
                 finite &= bool(torch.isfinite(res.loss.detach()))
-                local.append({**_floats(res.metrics), **adapter.step_metrics(), **stream.step_metrics(),
-                              "loss": res.loss.item()})
+                local.append({**_floats(res.metrics), **_tag_metrics(res, batch), **adapter.step_metrics(),
+                              **stream.step_metrics(), "loss": res.loss.item()})
             assert accelerator.sync_gradients, "accumulation window out of step with grad_accum"
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm or math.inf)
             if run.mixed_precision != "fp16":  # fp16's scaler skips inf steps by design; elsewhere they corrupt
@@ -288,6 +290,12 @@ def _adamw(policy: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
+def _tag_metrics(res: Any, batch: Any) -> dict[str, float]:
+    """Per-tag reward accuracy and margin when the batch names each group's tag (``batch["tags"]``)."""
+    tags = batch.get("tags") if isinstance(batch, dict) else None
+    return _floats(tagged_metrics(res.rewards, tags)) if tags else {}
+
+
 def _floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -325,7 +333,10 @@ def _eval_loader(accelerator: Accelerator, adapter: Adapter, run: RunConfig) -> 
 @torch.no_grad()
 def _evaluate(adapter: Adapter, policy: nn.Module, loss: Any, loader: Any) -> dict[str, float]:
     policy.eval()
-    rows = [{**_floats(loss(adapter.scores(policy, b, loss)).metrics), **adapter.step_metrics()} for b in loader]
+    rows = []
+    for b in loader:
+        res = loss(adapter.scores(policy, b, loss))
+        rows.append({**_floats(res.metrics), **_tag_metrics(res, b), **adapter.step_metrics()})
     policy.train()
     return {f"eval/{k}": v for k, v in _mean_over_processes(_mean(rows)).items()}
 
