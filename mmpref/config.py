@@ -118,6 +118,9 @@ class RunConfig:
     overwrite: bool = False  # start over in an output_dir that holds an earlier run (its files only are removed)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
     cpu: bool = False  # force CPU (tests, CPU-only multi-process runs)
+    # LoRA runs: final/ holds the adapter merged into the base, a full model that loads with no peft and no base
+    # path (the adapter alone goes to final/adapter/); without it final/ holds the adapter alone
+    merge_lora: bool = False
 
     def __post_init__(self) -> None:
         check(bool(self.output_dir), "output_dir", "required")

@@ -269,7 +269,7 @@ def test_epsilon_prediction_target(sets, tmp_path):
 def test_cache_round_trip_matches_on_the_fly(sets, grouped):
     fly = make(sets["grouped"], None, cfg_dropout=0.5)
     cached_batch, fly_batch = batch_of(grouped, 3), batch_of(fly, 3)
-    assert set(fly_batch) == {"prompts", "wave"}
+    assert set(fly_batch) == {"prompts", "wave", "tags"} and fly_batch["tags"] == cached_batch["tags"]
     # same posterior
     mean, std = fly.pipe.encode_audio(fly_batch["wave"].flatten(0, 1))
     torch.testing.assert_close(cached_batch["mean"].flatten(0, 1), mean, atol=1e-6, rtol=1e-5)

@@ -72,13 +72,19 @@ def test_the_check_knows_every_extra():
 def test_the_wheel_ships_every_recipe_and_names_resolve_outside_a_checkout(tmp_path, monkeypatch):
     """`pip install mmpref` carries the recipes: `mmpref train llm_dpo_tiny` (or configs/llm_dpo_tiny.yaml, as the
     README writes it) works from any folder."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     from mmpref.yaml_config import RECIPES, resolve_config
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "mmpref", src / "mmpref", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("mmpref-*.whl")
     shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if n.startswith("mmpref/recipes/")}

@@ -230,3 +230,49 @@ def test_wpo_weights_each_pair_by_the_policys_renormalised_probabilities(assets)
     h = (scores.policy - scores.reference).detach().double()
     per_pair = -torch.nn.functional.logsigmoid(0.5 * (h[:, :1] - h[:, 1:])) * torch.exp(logw[:, :1] + logw[:, 1:])
     assert out.loss.item() == pytest.approx(per_pair.mean(1).mean().item(), rel=1e-5)
+
+
+def test_merge_lora_writes_a_full_model_plain_transformers_loads(assets, tmp_path):
+    """run.merge_lora: final/ is the base with the adapter merged (no peft, no path to the base needed) and computes
+    what the LoRA policy computes; the adapter alone is in final/adapter/; the policy keeps its adapter."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg(assets, lora=True, mode="lora")
+    cfg.run.merge_lora = True
+    adapter = LLMAdapter(cfg)
+    with torch.no_grad():  # a trained-looking adapter
+        for n, p in adapter.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    adapter.save_pretrained(adapter.policy, str(tmp_path / "final"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert not any("lora" in k for k in merged.state_dict()) and merged.config.use_cache
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        want = adapter.policy.eval()(input_ids=ids).logits
+        got = merged.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert any("lora_" in n for n, _ in adapter.policy.named_parameters())
+
+
+def test_qlora_settings_and_refusals_before_anything_loads(assets, monkeypatch):
+    from mmpref.adapters.llm import quantized_loading
+    from mmpref.errors import ConfigError
+
+    q = quantized_loading(LLMModelConfig(path="x", quantization="4bit"))["quantization_config"]
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("nothing may load before the quantization checks"))
+    cfg = make_cfg(assets, lora=True, mode="lora")
+    cfg.model.quantization = "4bit"
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        LLMAdapter(cfg)
+    cfg.lora.enabled, cfg.reference.mode = False, "copy"
+    with pytest.raises(ConfigError, match="set lora.enabled=true"):
+        LLMAdapter(cfg)
+    with pytest.raises(ValueError, match="4bit or null"):
+        LLMModelConfig(path="x", quantization="3bit")

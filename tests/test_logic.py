@@ -216,9 +216,12 @@ def test_cli_prints_structures_and_order(capsys):
 
     assert main(["losses", "--logic"]) == 0
     out = capsys.readouterr().out
-    assert "dpo       logic(P = Yw & ~Yl, C = Yw xor Yl; score=beta_r beta=0.1)" in out
-    assert "ipo       none of the space matches" in out
-    assert "asft [P = Yw & ~Yl]  >=  cpo/dpo/orpo/set/simpo/spo [P = Yw & ~Yl, C = Yw xor Yl]" in out
+    lines = {line.split()[0]: " ".join(line.split()[1:]) for line in out.splitlines()[3:] if line.startswith("  ")}
+    assert lines["dpo"] == "logic(P = Yw & ~Yl, C = Yw xor Yl; score=beta_r beta=0.1)"
+    assert lines["ipo"] == "none of the space matches"
+    # BCO with its shift at 0 is DPO's two log-sigmoids taken apart: the same P with no condition
+    assert lines["bco_pair"] == "logic(P = Yw & ~Yl; score=beta_r beta=0.1)"
+    assert "asft/bco_pair [P = Yw & ~Yl]  >=  cpo/dpo/orpo/set/simpo/spo [P = Yw & ~Yl, C = Yw xor Yl]" in out
 
 
 def test_pair_landscape_counts_and_docs_table():

@@ -14,6 +14,7 @@ Design points:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import json
@@ -67,8 +68,14 @@ class LLMModelConfig:
     # p(v)^2]) of winner and loser under the current policy (no gradient), so pairs the policy itself would
     # produce count more
     wpo: bool = False
+    # QLoRA (Dettmers et al. 2023): "4bit" loads the policy's base weights in bitsandbytes NF4 with double
+    # quantisation and bf16 compute, prepared with peft's prepare_model_for_kbit_training; LoRA trains on top.
+    # Needs a CUDA GPU, the bitsandbytes package and lora.enabled.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in (None, "4bit"):
+            raise ValueError(f"model.quantization must be 4bit or null, got {self.quantization!r}")
         if self.ld_alpha is not None and not (isinstance(self.ld_alpha, (int, float)) and 0 <= self.ld_alpha <= 1):
             raise ValueError(f"model.ld_alpha must be in [0, 1] or null, got {self.ld_alpha!r}")
 
@@ -82,6 +89,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def check_quantization(mcfg: LLMModelConfig, cfg: TrainConfig) -> None:
+    """``model.quantization`` needs LoRA, a CUDA GPU and bitsandbytes: refused here, before anything loads."""
+    if mcfg.quantization is None:
+        return
+    if not cfg.lora.enabled:
+        raise ConfigError("model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights: set "
+                          "lora.enabled=true")
+    if cfg.run.cpu or not torch.cuda.is_available():
+        raise ConfigError("model.quantization=4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); this run has none"
+                          " (run.cpu or no GPU): remove model.quantization to train in bf16/fp32")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization=4bit needs the bitsandbytes package: pip install bitsandbytes")
+
+
+def quantized_loading(mcfg: LLMModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments for QLoRA: NF4 weights, double quantisation, bf16 compute, on this process's
+    GPU (bitsandbytes layers cannot be moved after loading)."""
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": bnb, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
 # ----- batching and log-probs --------------------------------------------------------------------------------------
@@ -154,6 +187,7 @@ class LLMAdapter(Adapter):
         self.needs_kl = any(loss.needs_kl for loss in losses)
         if self.ref_mode == "cached" and self.needs_kl and not self.unpaired:
             raise ConfigError("reference.mode=cached cannot score on-policy KL samples (the kl term); use copy or lora")
+        check_quantization(self.mcfg, cfg)  # before any weight loads
         check_source(self.mcfg.path, "model.path", "a causal LM folder saved with save_pretrained, or a hub id")
         if self.mcfg.tokenizer:
             check_source(self.mcfg.tokenizer, "model.tokenizer", "a tokenizer folder or a hub id")
@@ -205,7 +239,7 @@ class LLMAdapter(Adapter):
                     undesirable.min(), undesirable.max())
 
     # ----- construction -------------------------------------------------------------------------------------------
-    def _load_model(self, path: str | None, dtype: str | None, frozen: bool) -> nn.Module:
+    def _load_model(self, path: str | None, dtype: str | None, frozen: bool, quantize: bool = False) -> nn.Module:
         dtype = dtype or self.mcfg.torch_dtype
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
@@ -217,15 +251,20 @@ class LLMAdapter(Adapter):
                 dtype=_DTYPES[dtype],
                 attn_implementation=self.mcfg.attn_implementation,
                 trust_remote_code=self.mcfg.trust_remote_code,
+                **(quantized_loading(self.mcfg) if quantize else {}),
             )
         if frozen:
             model.eval().requires_grad_(False)
         return model
 
     def _load_policy(self) -> nn.Module:
-        model = self._load_model(None, None, frozen=False)
+        model = self._load_model(None, None, frozen=False, quantize=self.mcfg.quantization is not None)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        if self.mcfg.gradient_checkpointing:
+        if self.mcfg.quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.mcfg.gradient_checkpointing)
+        elif self.mcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         lc = self.cfg.lora
@@ -496,6 +535,14 @@ class LLMAdapter(Adapter):
 
     # ----- saving -------------------------------------------------------------------------------------------------
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
-        """safetensors weights (the LoRA adapter alone when LoRA is on) and the tokenizer."""
-        unwrap(policy).save_pretrained(path)
+        """safetensors weights and the tokenizer. With LoRA: the adapter alone, or with ``run.merge_lora`` the
+        merged full model (the adapter alone in ``adapter/``), which ``AutoModelForCausalLM`` loads as it is."""
+        model = unwrap(policy)
+        if self.cfg.lora.enabled and self.cfg.run.merge_lora:
+            model.save_pretrained(os.path.join(path, "adapter"))
+            merged = copy.deepcopy(model).merge_and_unload()  # the policy itself keeps its adapter
+            merged.config.use_cache = True  # turned off for training only
+            merged.save_pretrained(path)
+        else:
+            model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

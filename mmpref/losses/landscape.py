@@ -287,11 +287,9 @@ def describe_registered() -> str:
     lines = ["Registered pair losses as preference structures over (Yw, Yl): loss = -log WMC(P & C) + log WMC(C),",
              "found by trying all 50 structures x score forms on random inputs (mmpref.losses.landscape).", ""]
     found = decompile_all()
+    width = max(len(name) for name in found)
     for name, matches in found.items():
-        if not matches:
-            lines.append(f"  {name:9s} none of the space matches")
-            continue
-        lines.append(f"  {name:9s} {best_match(matches)}")
+        lines.append(f"  {name:{width}s}  {best_match(matches) if matches else 'none of the space matches'}")
     named = _named_structures()
     structures = sorted(named, key=str)
     lines += ["", "Strictness (A >= B: A's loss is at least B's for every score; same score form):"]
