@@ -36,6 +36,10 @@ class ReferenceConfig:
     dtype: str | None = None  # e.g. "bfloat16" for a lighter frozen copy; None keeps the policy's dtype
     path: str | None = None  # a different reference checkpoint; None means the policy's starting weights
     cache_dir: str | None = None  # for mode=cached; default <output_dir>/reference_cache
+    # true: every phase after the first compares against the policy as the previous phase ended (OpenBezoar: DPO
+    # against the SFT result; with lora the SFT adapter is folded into the base and a fresh adapter trains on);
+    # false: the starting model throughout (Tango 2)
+    from_phase_start: bool = False
 
     def __post_init__(self) -> None:
         check(self.mode in REFERENCE_MODES, "mode", f"must be one of {', '.join(REFERENCE_MODES)}; got {self.mode!r}")
@@ -62,6 +66,9 @@ class PhaseConfig:
     loss: Any  # a loss spec, see mmpref.losses.build_loss
     epochs: float | None = None
     max_steps: int | None = None
+    # this phase's own data (e.g. instruction data for SFT before DPO on preferences): keys over the run's `data:`
+    # section, which fills the rest; typed as the adapter's data section when the config is read. None: `data:`.
+    data: Any = None
 
     def __post_init__(self) -> None:
         check(not (self.epochs is not None and self.max_steps is not None), "epochs", "give `epochs` or "
@@ -294,6 +301,10 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overridden:
     hints = {**typing.get_type_hints(TrainConfig), "model": adapter.model_config_class,
              "data": adapter.data_config_class}
     cfg = build(TrainConfig, dict(raw), source, overridden, hints=hints)
+    for i, phase in enumerate(cfg.phases):
+        if phase.data is not None:  # the phase's keys over the run's data section
+            phase.data = build(adapter.data_config_class, phase.data, source, overridden, key=f"phases.{i}.data",
+                               default=cfg.data)
     _check_objective(cfg, lambda key: where(source, key, overridden))
     return cfg
 

@@ -207,10 +207,11 @@ class _KeyError(Exception):
 
 
 def build(tp: Any, value: Any, source: str = "<dict>", overridden: Mapping[str, str] | None = None,
-          key: str = "", hints: Mapping[str, Any] | None = None) -> Any:
-    """``value`` (plain YAML data) typed as ``tp``; errors are :class:`ConfigError` naming ``source`` and the key."""
+          key: str = "", hints: Mapping[str, Any] | None = None, default: Any = None) -> Any:
+    """``value`` (plain YAML data) typed as ``tp``; errors are :class:`ConfigError` naming ``source`` and the key.
+    A ``default`` instance of ``tp`` fills the keys a partial mapping leaves out."""
     try:
-        return _build(tp, value, key, hints)
+        return _build(tp, value, key, hints, default)
     except _KeyError as e:
         raise ConfigError(f"{where(source, e.key, overridden)}: {e.msg}") from None
 

@@ -37,7 +37,11 @@ def test_every_llm_config_is_listed():
 
 @pytest.fixture(scope="module")
 def llm_assets(tmp_path_factory) -> dict[str, str]:
-    return write_tiny_llm_assets(tmp_path_factory.mktemp("configs-llm"), rows=16, heldout=4)
+    assets = write_tiny_llm_assets(tmp_path_factory.mktemp("configs-llm"), rows=16, heldout=4)
+    rows = [json.loads(line) for line in Path(assets["prefs"]).read_text().splitlines()]
+    instructions = Path(assets["prefs"]).with_name("instructions.jsonl")  # for recipes' SFT phases on their own data
+    instructions.write_text("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) for r in rows))
+    return {**assets, "instructions": str(instructions)}
 
 
 @pytest.mark.parametrize("name", LLM_CONFIGS)
@@ -46,6 +50,7 @@ def test_llm_config_loads_and_trains_on_the_tiny_model(name, llm_assets, tmp_pat
     shipped = load_config(path)  # as shipped: placeholder paths are fine until training starts
     assert shipped.modality == "llm"
     phases = [f"phases.{i}.{k}" for i in range(len(shipped.phases)) for k in ("epochs=null", "max_steps=1")]
+    phases += [f"phases.{i}.data.path={llm_assets['instructions']}" for i, p in enumerate(shipped.phases) if p.data]
     steps = max(1, len(shipped.phases))  # one step per phase, so that every phase of a recipe runs
     overrides = [*tiny_llm_overrides(llm_assets, tmp_path / "run"), f"data.eval_split={llm_assets['heldout']}",
                  f"run.max_steps={steps}", *phases]
@@ -60,7 +65,8 @@ def test_llm_config_loads_and_trains_on_the_tiny_model(name, llm_assets, tmp_pat
     if name in FIRST_STEP_LOSS:
         assert logged[0]["loss"] == pytest.approx(FIRST_STEP_LOSS[name], rel=1e-5)
     saved = Path(result.final_dir)
-    assert (saved / "adapter_model.safetensors").exists() if cfg.lora.enabled else (saved / "config.json").exists()
+    adapter_only = cfg.lora.enabled and not cfg.run.merge_lora
+    assert (saved / "adapter_model.safetensors").exists() if adapter_only else (saved / "config.json").exists()
 
 
 def test_llm_dpo_tiny_example_beats_chance_on_heldout_pairs(tmp_path, monkeypatch, capsys):

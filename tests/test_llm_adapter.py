@@ -274,5 +274,8 @@ def test_qlora_settings_and_refusals_before_anything_loads(assets, monkeypatch):
     cfg.lora.enabled, cfg.reference.mode = False, "copy"
     with pytest.raises(ConfigError, match="set lora.enabled=true"):
         LLMAdapter(cfg)
+    cfg.lora.enabled, cfg.reference.from_phase_start = True, True
+    with pytest.raises(ConfigError, match="4bit with reference.from_phase_start"):
+        LLMAdapter(cfg)
     with pytest.raises(ValueError, match="4bit or null"):
         LLMModelConfig(path="x", quantization="3bit")

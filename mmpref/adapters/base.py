@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from mmpref.config import Objective, TrainConfig, build_objectives
 from mmpref.errors import ConfigError
@@ -52,14 +52,22 @@ class Adapter(ABC):
     data_config_class: ClassVar[type]  # dataclass for the config's `data:` section
     # reference.mode values this adapter cannot serve -> why (see resolve_reference)
     unsupported_reference_modes: ClassVar[Mapping[str, str]] = {}
+    # whether a phase may name its own `data:` (then override phase_train_datasets / phase_eval_datasets)
+    supports_phase_data: ClassVar[bool] = False
 
     policy: nn.Module  # the trainable module; must exist after __init__
+    reference: nn.Module | None = None  # the frozen reference of reference.mode=copy
 
     def __init__(self, cfg: TrainConfig, objectives: Sequence[Objective] | None = None):
         self.cfg = cfg
         self.objectives = list(objectives) if objectives is not None else build_objectives(cfg)
         self.check_objectives(self.objectives)
         self.ref_mode = resolve_reference(cfg, self.objectives, self.unsupported_reference_modes)
+        if not self.supports_phase_data:
+            for i, p in enumerate(cfg.phases):
+                if p.data is not None:
+                    raise ConfigError(f"phases.{i}.data: the {self.name} adapter trains every phase on the run's "
+                                      f"`data:`; remove phases.{i}.data")
 
     def check_objectives(self, objectives: Sequence[Objective]) -> None:
         """Refuse, naming the phase and the loss, any objective :meth:`cannot_serve` rejects."""
@@ -80,6 +88,17 @@ class Adapter(ABC):
     @property
     def eval_dataset(self) -> Any | None:
         return None
+
+    @property
+    def phase_train_datasets(self) -> list[Any]:
+        """One training dataset per objective (phase), in order; phases on the same data share one object, and
+        the engine keeps one dataloader per object (its epochs continue from one phase to the next)."""
+        return [self.train_dataset] * len(self.objectives)
+
+    @property
+    def phase_eval_datasets(self) -> list[Any | None]:
+        """One evaluation dataset (or None) per objective, shared as :attr:`phase_train_datasets` are."""
+        return [self.eval_dataset] * len(self.objectives)
 
     @abstractmethod
     def collate(self, rows: list[dict]) -> dict:
@@ -103,6 +122,35 @@ class Adapter(ABC):
     @abstractmethod
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
         """Write the trained model (safetensors; adapters alone for LoRA) to ``path``."""
+
+    # ----- the reference as training goes on ----------------------------------------------------------------------
+    def reference_state(self) -> dict[str, Tensor]:
+        """The frozen reference's weights (``copy`` mode), on CPU: what a run keeps to restore it on resume."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
+
+    def set_reference(self, policy: nn.Module | None = None, state: dict[str, Tensor] | None = None) -> None:
+        """The frozen reference becomes the current policy (or ``state``): SPPO's previous iterate, iterative
+        Tango 2's previous round. With LoRA the policy's adapter is folded into the weights copied."""
+        if state is None:
+            from .lora import merged_weights
+
+            model = unwrap(policy)
+            state = merged_weights(model) if self.cfg.lora.enabled else \
+                {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.reference.load_state_dict(state)
+
+    def reference_from_policy(self, policy: nn.Module, seed: int) -> dict[str, Tensor] | None:
+        """``reference.from_phase_start``: the reference becomes the policy as it is now. ``copy``: the frozen copy
+        takes the policy's weights; returns them, for the run to keep. ``lora``: the adapter is folded into the
+        base weights and starts afresh (drawn from ``seed``), so the adapter-disabled policy is the policy as it
+        is now; returns None (the policy's own checkpoint holds the folded weights)."""
+        if self.ref_mode == "lora":
+            from .lora import fold_lora
+
+            fold_lora(unwrap(policy), seed)
+            return None
+        self.set_reference(policy)
+        return self.reference_state()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -129,6 +177,12 @@ def resolve_reference(cfg: TrainConfig, objectives: Sequence[Objective],
     if ref.mode == "lora" and not cfg.lora.enabled:
         raise ConfigError("reference.mode=lora needs lora.enabled=true (the reference is the policy with its LoRA "
                           "adapter disabled)")
+    if ref.from_phase_start and ref.mode == "cached":
+        raise ConfigError("reference.from_phase_start needs a reference that can change during the run: "
+                          "reference.mode=cached computes it once, before training; use copy or lora")
+    if ref.from_phase_start and cfg.online is not None:
+        raise ConfigError("reference.from_phase_start is for offline phases; an online run moves its reference "
+                          "with online.update_reference")
     if ref.mode == "lora" and (ref.path or ref.dtype):
         raise ConfigError("reference.mode=lora shares the policy's weights: reference.path and reference.dtype "
                           "must be unset")

@@ -641,15 +641,6 @@ class DiffusionAdapter(Adapter):
     def rollout_from_record(self, record: Tensor) -> Tensor:
         return record
 
-    def reference_state(self) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
-
-    def set_reference(self, policy: nn.Module | None = None, state: dict[str, Tensor] | None = None) -> None:
-        """The frozen reference becomes the current policy (or ``state``): iterative Tango 2's previous round."""
-        if state is None:
-            state = {k: v.detach().clone() for k, v in unwrap(policy).state_dict().items()}
-        self.reference.load_state_dict(state)
-
     def step_metrics(self) -> dict[str, float]:
         """Winner/loser MSE of policy and reference, overall and per timestep bin; CFG-dropped share."""
         last = self._last

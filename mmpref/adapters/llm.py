@@ -98,6 +98,11 @@ def check_quantization(mcfg: LLMModelConfig, cfg: TrainConfig) -> None:
     if not cfg.lora.enabled:
         raise ConfigError("model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights: set "
                           "lora.enabled=true")
+    if cfg.reference.from_phase_start:
+        raise ConfigError("model.quantization=4bit with reference.from_phase_start: the policy's 4-bit weights cannot "
+                          "take a phase's LoRA adapter in, nor be copied into a reference; run each phase as its "
+                          "own mmpref train with run.merge_lora=true (the next starting from its final/), or drop "
+                          "model.quantization")
     if cfg.run.cpu or not torch.cuda.is_available():
         raise ConfigError("model.quantization=4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); this run has none"
                           " (run.cpu or no GPU): remove model.quantization to train in bf16/fp32")
@@ -174,6 +179,7 @@ class LLMAdapter(Adapter):
     name = "llm"
     model_config_class = LLMModelConfig
     data_config_class = LLMDataConfig
+    supports_phase_data = True
 
     def __init__(self, cfg: TrainConfig, objectives: Sequence[Objective] | None = None):
         super().__init__(cfg, objectives)  # checks the objectives, resolves the reference mode
@@ -211,32 +217,52 @@ class LLMAdapter(Adapter):
             self._check_online(cfg)
             self._train = self._eval = None
             return
-        self._train, self._eval = load_llm_data(
-            self.dcfg, self.tokenizer, seed=cfg.run.seed, unpaired=self.unpaired, with_kl=self.needs_kl
-        )
-        if "completion_ids" in self._train.column_names and "label" in self._train.column_names and not self.unpaired:
-            raise ConfigError(f"data.path: {self.dcfg.path} holds unpaired rows (prompt, completion, label); they need "
-                              "an unpaired loss such as kto or bco")
-        if self.dcfg.udm is not None:
-            self._add_udm_weights(self.dcfg.udm)
+        # one (train, eval) pair per phase: the run's `data:`, or a phase's own (loaded once per distinct section)
+        loaded: dict[str, tuple[Any, Any]] = {}
+        self._phase_data = []
+        for i, o in enumerate(self.objectives):
+            own = cfg.phases[i].data if cfg.phases else None
+            dcfg, key = (self.dcfg, "data") if own is None else \
+                (replace(own, path=resolve_toy(own.path), eval_split=resolve_toy(own.eval_split)), f"phases.{i}.data")
+            if repr(dcfg) not in loaded:
+                loaded[repr(dcfg)] = self._load_data(dcfg, key)
+            self._phase_data.append(loaded[repr(dcfg)])
+            self._check_losers(o, self._phase_data[-1][0], key, dcfg)
+        self._train, self._eval = self._phase_data[0]
 
-    def _add_udm_weights(self, udm: UDMConfig) -> None:
+    def _load_data(self, dcfg: LLMDataConfig, key: str) -> tuple[Any, Any]:
+        """(train, eval or None) prepared rows of one data section; ``key`` names it in errors."""
+        train, evl = load_llm_data(dcfg, self.tokenizer, seed=self.cfg.run.seed, unpaired=self.unpaired,
+                                   with_kl=self.needs_kl)
+        if "completion_ids" in train.column_names and "label" in train.column_names and not self.unpaired:
+            raise ConfigError(f"{key}.path: {dcfg.path} holds unpaired rows (prompt, completion, label); they need "
+                              "an unpaired loss such as kto or bco")
+        return self._add_udm_weights(dcfg.udm, train, evl, key) if dcfg.udm is not None else (train, evl)
+
+    def _check_losers(self, objective: Objective, train: Any, key: str, dcfg: LLMDataConfig) -> None:
+        """Instruction rows (prompt, completion) have a winner and no losers: only winner-only losses train on them."""
+        if self.unpaired or len(train[0]["completion_ids"]) > 1 or not objective.loss.uses_losers:
+            return
+        raise ConfigError(f"{objective.label}: {key}.path {dcfg.path} holds prompt/completion rows without losers; "
+                          f"this loss compares winners with losers: give it preference data (phases.N.data) or "
+                          f"train these rows with sft")
+
+    def _add_udm_weights(self, udm: UDMConfig, train: Any, evl: Any, key: str) -> tuple[Any, Any]:
         """A ``udm_weight`` column on the train (and eval) rows: BCO's prompt density ratios (mmpref.data.udm)."""
         heads = {h for o in self.objectives for h in o.loss.heads}
         if "bco" not in heads:
-            raise ConfigError(f"data.udm: prompt-distribution weights are used by the bco loss only; this run's "
-                              f"losses are {sorted(heads)} (remove data.udm or train with bco)")
-        check_source(udm.embedding_model, "data.udm.embedding_model", "a text encoder folder or a hub id")
-        sets = [d for d in (self._train, self._eval) if d is not None]
+            raise ConfigError(f"{key}.udm: prompt-distribution weights are used by the bco loss only; this run's "
+                              f"losses are {sorted(heads)} (remove {key}.udm or train with bco)")
+        check_source(udm.embedding_model, f"{key}.udm.embedding_model", "a text encoder folder or a hub id")
+        sets = [d for d in (train, evl) if d is not None]
         prompts = [(self.tokenizer.batch_decode(list(d["prompt_ids"]), skip_special_tokens=True), list(d["label"]))
                    for d in sets]
         weights = udm_weights(udm, *prompts[0], *prompts[1:])
-        self._train, *rest = [d.add_column("udm_weight", w.tolist()) for d, w in zip(sets, weights)]
-        if self._eval is not None:
-            self._eval = rest[0]
+        train, *rest = [d.add_column("udm_weight", w.tolist()) for d, w in zip(sets, weights)]
         undesirable = weights[0][~np.asarray(prompts[0][1], bool)]
-        logger.info("data.udm: undesirable rows' weights mean %.3f, range [%.3f, %.3f]", undesirable.mean(),
+        logger.info("%s.udm: undesirable rows' weights mean %.3f, range [%.3f, %.3f]", key, undesirable.mean(),
                     undesirable.min(), undesirable.max())
+        return train, (rest[0] if evl is not None else None)
 
     # ----- construction -------------------------------------------------------------------------------------------
     def _load_model(self, path: str | None, dtype: str | None, frozen: bool, quantize: bool = False) -> nn.Module:
@@ -290,10 +316,19 @@ class LLMAdapter(Adapter):
     def eval_dataset(self) -> Any | None:
         return self._eval
 
+    @property
+    def phase_train_datasets(self) -> list[Any]:
+        return [train for train, _ in self._phase_data] if self._train is not None else super().phase_train_datasets
+
+    @property
+    def phase_eval_datasets(self) -> list[Any | None]:
+        return [evl for _, evl in self._phase_data] if self._train is not None else super().phase_eval_datasets
+
     def data_fingerprint(self) -> str:
-        """datasets' fingerprints of the prepared splits: they follow the source files (path and modification time)
-        and every preparation step (tokeniser, lengths, layout)."""
-        parts = [d._fingerprint for d in (self._train, self._eval) if d is not None]
+        """datasets' fingerprints of the prepared splits (every phase's): they follow the source files (path and
+        modification time) and every preparation step (tokeniser, lengths, layout)."""
+        sets = {id(pair[0]): pair for pair in self._phase_data} if self._train is not None else {}
+        parts = [d._fingerprint for pair in sets.values() for d in pair if d is not None]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def collate(self, rows: list[dict]) -> dict:
@@ -458,23 +493,20 @@ class LLMAdapter(Adapter):
     def rollout_from_record(self, record: Any) -> list[int]:
         return list(record)
 
-    def reference_state(self) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
-
-    def set_reference(self, policy: nn.Module | None = None, state: dict[str, Tensor] | None = None) -> None:
-        """The reference becomes the current policy (or ``state``): SPPO's previous iterate."""
-        if state is None:
-            state = {k: v.detach().clone() for k, v in unwrap(policy).state_dict().items()}
-        self.reference.load_state_dict(state)
-
     # ----- setup: device placement and the reference cache --------------------------------------------------------
     def setup(self, accelerator: Any) -> None:
         if self.reference is not None:
             self.reference.to(accelerator.device)
         if self.ref_mode == "cached":
-            self._train = self._attach_cache(accelerator, self._train, "train")
-            if self._eval is not None:
-                self._eval = self._attach_cache(accelerator, self._eval, "eval")
+            cached: dict[int, Any] = {}  # one cache per distinct dataset
+            for i, pair in enumerate(self._phase_data):
+                names = ("train", "eval") if i == 0 else (f"phase{i}-train", f"phase{i}-eval")
+                for ds, name in zip(pair, names):
+                    if ds is not None and id(ds) not in cached:
+                        cached[id(ds)] = self._attach_cache(accelerator, ds, name)
+            self._phase_data = [tuple(cached.get(id(d)) if d is not None else None for d in p)
+                                for p in self._phase_data]
+            self._train, self._eval = self._phase_data[0]
 
     def _attach_cache(self, accelerator: Any, ds: Any, split: str) -> Any:
         """Add ``ref`` (and ``kl_ref``) columns of reference log-probs, computed once and stored on disk."""

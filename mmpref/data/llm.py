@@ -5,6 +5,9 @@ Accepted layouts (``schema: auto`` detects them from the columns):
 - ``pairs``: ``prompt``, ``chosen``, ``rejected`` strings.
 - ``sets``: ``prompt``, ``chosen`` and ``rejected`` as a list of K strings (the same K on every row).
 - ``unpaired``: ``prompt``, ``completion``, ``label`` (bool or 0/1; True = desirable), for kto/bco.
+- ``completions``: instruction data for an SFT phase, ``prompt`` and ``completion`` with no ``label``, or TRL's
+  conversational ``messages`` (the last message is the completion, the ones before it the prompt). Rows are groups
+  of one: a winner and no losers, so only losses that read the winners alone (``sft``) can train on them.
 - Grouped data may carry soft labels in ``win_prob``: ``P(chosen wins)`` for pairs, or one probability per
   completion (winner first) for sets; they reach ``Scores.win_prob`` (SPPO trains on them).
 - ``conversational``: any of the above where the prompt is a list of ``{role, content}`` messages and the
@@ -36,7 +39,7 @@ from mmpref.sources import check_source, looks_local
 
 logger = logging.getLogger(__name__)
 
-SCHEMAS = ("auto", "pairs", "sets", "unpaired", "conversational")
+SCHEMAS = ("auto", "pairs", "sets", "unpaired", "completions", "conversational")
 _SHOW = 5  # offending row numbers quoted per issue
 
 
@@ -50,12 +53,13 @@ class LLMDataConfig:
     subset: str | None = None  # hub datasets (and folders in the hub layout): the configuration (load_dataset's name)
     revision: str | None = None  # hub datasets: branch, tag or commit
     data_dir: str | None = None  # hub datasets: a folder inside the repository
-    schema: str = "auto"  # auto | pairs | sets | unpaired | conversational
+    schema: str = "auto"  # auto | pairs | sets | unpaired | completions | conversational
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     completion_column: str = "completion"
     label_column: str = "label"
+    messages_column: str = "messages"  # completions layout: TRL's conversational SFT rows
     win_prob_column: str = "win_prob"  # optional soft labels (SPPO): P(chosen wins), or one per completion (sets)
     max_length: int = 1024  # prompt + completion tokens; completion tails are cut to fit (with a warning)
     max_prompt_length: int | None = None  # prompts longer than this keep their last tokens
@@ -77,17 +81,25 @@ def load_split(path: str, split: str, fmt: str = "auto", hub: HubOptions | None 
 
 def detect_layout(columns: list[str], cfg: LLMDataConfig, first: dict[str, Any] | None,
                   where: str = "data") -> tuple[str, bool]:
-    """(``pairs`` | ``sets`` | ``unpaired``, conversational?) from the columns and first row, or an error."""
+    """(``pairs`` | ``sets`` | ``unpaired`` | ``completions``, conversational?) from the columns and first row, or
+    an error."""
     c = cfg
     has = set(columns)
     grouped_cols = [c.prompt_column, c.chosen_column, c.rejected_column]
     unpaired_cols = [c.prompt_column, c.completion_column, c.label_column]
+    completion_cols = [c.prompt_column, c.completion_column]
     if cfg.schema in ("pairs", "sets"):
         need = grouped_cols
     elif cfg.schema == "unpaired":
         need = unpaired_cols
+    elif cfg.schema == "completions":
+        need = completion_cols
+    elif set(unpaired_cols) <= has:
+        need = unpaired_cols
+    elif set(completion_cols) <= has and not {c.chosen_column, c.rejected_column} & has:
+        need = completion_cols
     else:
-        need = grouped_cols if not set(unpaired_cols) <= has else unpaired_cols
+        need = grouped_cols
     missing = [col for col in need if col not in has]
     if missing:
         raise DataValidationError(
@@ -98,6 +110,8 @@ def detect_layout(columns: list[str], cfg: LLMDataConfig, first: dict[str, Any] 
     conversational = cfg.schema == "conversational" or (first is not None and _is_messages(first[c.prompt_column]))
     if need == unpaired_cols:
         return "unpaired", conversational
+    if need == completion_cols:
+        return "completions", conversational
     if cfg.schema == "sets" or (first is not None and _is_list_of_completions(first[c.rejected_column])):
         return "sets", conversational
     return "pairs", conversational
@@ -151,6 +165,25 @@ def with_extracted_prompts(raw: datasets.Dataset, cfg: LLMDataConfig) -> dataset
     return raw.map(split, desc="extract prompts")
 
 
+def _messages_only(columns: list[str], cfg: LLMDataConfig) -> bool:
+    """TRL's conversational SFT layout: a ``messages`` column and no prompt / completion / chosen columns."""
+    return cfg.messages_column in columns and not {cfg.prompt_column, cfg.completion_column, cfg.chosen_column} & \
+        set(columns) and cfg.schema in ("auto", "completions", "conversational")
+
+
+def with_split_messages(raw: datasets.Dataset, cfg: LLMDataConfig) -> datasets.Dataset:
+    """``messages`` -> ``prompt`` (every message but the last) and ``completion`` (the last, as a one-message
+    list). Rows that are not a conversation ending in a reply are left empty for the row checks to report."""
+
+    def split(row: dict[str, Any]) -> dict[str, Any]:
+        msgs = row[cfg.messages_column]
+        if not (_is_messages(msgs) and len(msgs) >= 2):
+            return {cfg.prompt_column: None, cfg.completion_column: None}
+        return {cfg.prompt_column: msgs[:-1], cfg.completion_column: msgs[-1:]}
+
+    return raw.map(split, remove_columns=[cfg.messages_column], desc="split messages")
+
+
 # ----- row checks ---------------------------------------------------------------------------------------------------
 def _text_ok(x: Any, conversational: bool) -> bool:
     """A non-empty string, or (conversational) non-empty messages with non-empty string contents."""
@@ -164,10 +197,10 @@ def row_issues(row: dict[str, Any], layout: str, conversational: bool, cfg: LLMD
     issues = []
     if not _text_ok(row[cfg.prompt_column], conversational):
         issues.append("empty or non-string prompt")
-    if layout == "unpaired":
+    if layout in ("unpaired", "completions"):
         if not _text_ok(row[cfg.completion_column], conversational):
             issues.append("empty or non-string completion")
-        if row[cfg.label_column] not in (True, False, 0, 1):
+        if layout == "unpaired" and row[cfg.label_column] not in (True, False, 0, 1):
             issues.append("label not bool or 0/1")
         return issues
     chosen, rejected = row[cfg.chosen_column], row[cfg.rejected_column]
@@ -222,7 +255,7 @@ class Tokenize:
 
     def completions(self, row: dict[str, Any]) -> list[Any]:
         c = self.cfg
-        if self.layout == "unpaired":
+        if self.layout in ("unpaired", "completions"):
             return [row[c.completion_column]]
         rejected = row[c.rejected_column]
         return [row[c.chosen_column], *(rejected if self.layout == "sets" else [rejected])]
@@ -279,6 +312,9 @@ def prepare_split(
     ``with_kl`` adds mismatched KL completions to unpaired rows. See the module docstring."""
     raw = table.data
     first = raw[0] if len(raw) else None
+    if _messages_only(raw.column_names, cfg):
+        raw = with_split_messages(raw, cfg)
+        first = raw[0] if len(raw) else None
     if implicit_prompt(raw.column_names, first, cfg):
         logger.info("%s: the prompt is implicit in chosen / rejected; using their shared prefix", where)
         raw = with_extracted_prompts(raw, cfg)
@@ -321,7 +357,10 @@ def prepare_split(
             cfg.max_length,
         )
     tok = tok.remove_columns("truncated")
-    if layout != "unpaired" and unpaired:
+    if layout == "completions" and unpaired:
+        raise DataValidationError(f"{where}: prompt/completion rows without a label cannot train an unpaired loss "
+                                  f"(kto, bco): add a {cfg.label_column!r} column (True = desirable)")
+    if layout not in ("unpaired", "completions") and unpaired:
         tok = tok.map(explode_groups, batched=True, remove_columns=tok.column_names)
         layout = "unpaired"
     if layout == "unpaired" and with_kl:
@@ -336,7 +375,7 @@ def _token_level_issues(tok: datasets.Dataset, cfg: LLMDataConfig, layout: str) 
     too_long = [r for r, n in zip(tok["row"], map(len, tok["prompt_ids"])) if n >= cfg.max_length]
     if too_long:
         issues[f"prompt alone >= max_length={cfg.max_length} tokens (raise data.max_length)"] = too_long
-    if layout != "unpaired":
+    if layout not in ("unpaired", "completions"):
         same = [r for r, comps in zip(tok["row"], tok["completion_ids"]) if any(c == comps[0] for c in comps[1:])]
         if same:
             issues[f"chosen and rejected identical once cut to max_length={cfg.max_length} tokens (raise "

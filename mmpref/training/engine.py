@@ -3,9 +3,10 @@
 folder = run_folder.inspect(cfg)                    # new, resume or overwrite: decided before anything is written
 adapter = get_adapter_class(cfg.modality)(cfg, objectives)  # models + data of one modality, validated
 run_folder.commit(...)                              # only now: config.yaml, run.json
-stream = dataset batches, or the policy's own samples judged as they are drawn (cfg.online)
+stream = dataset batches (each phase's own), or the policy's own samples judged as they are drawn (cfg.online)
 for step in range(start, total):                    # global optimizer steps
     phase = phase_at(plan, step)                    # pure function of the step: same on every process
+    (entering a phase with reference.from_phase_start: the reference becomes the policy as it is now)
     for _ in range(grad_accum):                     # micro-batches from the stream
         scores = adapter.scores(policy, batch, loss); loss(scores).loss.backward()
     clip, optimizer.step, scheduler.step, log, checkpoint
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -41,7 +44,7 @@ from transformers import get_scheduler
 from mmpref.adapters import Adapter
 from mmpref.config import OptimConfig, RunConfig, TrainConfig, build_objectives, config_to_dict
 from mmpref.errors import CheckpointError, MmprefError, writing_to
-from mmpref.io import atomic_dir, write_text_atomic
+from mmpref.io import atomic_dir, atomic_file, write_text_atomic
 from mmpref.losses.registry import tagged_metrics
 from mmpref.modalities import get_adapter_class
 from mmpref.online.source import OnlineSource
@@ -116,23 +119,26 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
     if accelerator.is_main_process:
         run_folder.commit(folder, cfg, adapter.data_fingerprint())
     optimizer = _adamw(adapter.policy, cfg.optim)
-    if cfg.online is None:  # batches from the dataset
-        loader = DataLoader(
-            adapter.train_dataset,  # after setup: it may replace the dataset (e.g. add cached reference columns)
+    if cfg.online is None:  # batches from the dataset: one loader per distinct phase dataset
+        # after setup: it may replace the datasets (e.g. add cached reference columns)
+        datasets = list({id(d): d for d in adapter.phase_train_datasets}.values())
+        policy, optimizer, *loaders = accelerator.prepare(adapter.policy, optimizer, *[DataLoader(
+            d,
             batch_size=run.batch_size,
             shuffle=True,
             collate_fn=adapter.collate,
             num_workers=run.num_workers,
             generator=torch.Generator().manual_seed(run.seed),  # keeps DataLoader seeding off the global RNG
-        )
-        policy, optimizer, loader = accelerator.prepare(adapter.policy, optimizer, loader)
-        stream = _DatasetStream(accelerator, loader, run.grad_accum)
-        plan = plan_phases(cfg, batches_per_epoch=len(loader))
+        ) for d in datasets])
+        by_id = {id(d): loader for d, loader in zip(datasets, loaders)}
+        phase_loaders = [by_id[id(d)] for d in adapter.phase_train_datasets]
+        plan = plan_phases(cfg, batches_per_epoch=[len(loader) for loader in phase_loaders])
+        stream = _DatasetStream(accelerator, phase_loaders, plan, run.grad_accum)
     else:  # batches from the policy's own samples, judged as they are drawn
         policy, optimizer = accelerator.prepare(adapter.policy, optimizer)
         stream = OnlineSource(cfg, adapter, accelerator, out)
         plan = [Phase(0, objectives[0].phase, 0, stream.total_steps)]
-    eval_loader = _eval_loader(accelerator, adapter, run)
+    eval_loaders = _eval_loaders(accelerator, adapter, run)
     total = plan[-1].end
     scheduler = get_scheduler(
         {"constant": "constant_with_warmup"}.get(cfg.optim.scheduler, cfg.optim.scheduler),
@@ -149,6 +155,7 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
         set_seed(run.seed, device_specific=True)  # different noise/timesteps per process from here on
     else:
         accelerator.print(f"resumed from {ckpt} at step {step}")
+        _restore_reference(cfg, adapter, plan, step, out)
     metrics_file = out / "metrics.jsonl"
     if accelerator.is_main_process:
         _truncate_metrics(metrics_file, step)  # drop lines a crashed run logged after its last checkpoint
@@ -166,6 +173,8 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
             phase = phase_at(plan, step)
             if accelerator.is_main_process:
                 bar.write(f"phase {phase.name!r} ({phase.index + 1}/{len(plan)}): steps {phase.start}..{phase.end}")
+            if step == phase.start and phase.index > 0 and cfg.reference.from_phase_start:
+                _reference_from_policy(accelerator, adapter, policy, optimizer, phase, out, run.seed)
         loss = objectives[phase.index].loss
         policy.train()
         with _context(step, phase):
@@ -197,8 +206,9 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
             last.update(epoch=stream.epoch(step), elapsed_s=time.perf_counter() - started)
             _log(accelerator, metrics_file, last)
             bar.set_postfix(loss=f"{last['loss']:.4g}", phase=phase.name)
-        if eval_loader is not None and step % run.eval_every == 0:
-            _log(accelerator, metrics_file, {"step": step, **_evaluate(adapter, policy, loss, eval_loader)})
+        if eval_loaders[phase.index] is not None and step % run.eval_every == 0:
+            _log(accelerator, metrics_file,
+                 {"step": step, **_evaluate(adapter, policy, loss, eval_loaders[phase.index])})
         if step % run.save_every == 0 or step == total:
             state = {"phase": phase.name, "epoch": stream.epoch(step)}
             ckpt = save_checkpoint(accelerator, out, step, state, keep=run.keep_checkpoints, scheduler=scheduler,
@@ -235,22 +245,40 @@ def _agreed(accelerator: Accelerator, fn: Any) -> Any:
 
 # ----- pieces of the loop -------------------------------------------------------------------------------------------
 class _DatasetStream:
-    """The batches of an offline run: the prepared DataLoader, epoch after epoch (an online run's counterpart is
-    :class:`mmpref.online.source.OnlineSource`)."""
+    """The batches of an offline run: each phase's prepared DataLoader, epoch after epoch (an online run's
+    counterpart is :class:`mmpref.online.source.OnlineSource`). Phases on the same data share a loader, whose
+    epochs run on from one phase into the next; a phase with its own data starts that data's first epoch."""
 
-    def __init__(self, accelerator: Accelerator, loader: Any, grad_accum: int):
-        self.accelerator, self.loader, self.grad_accum = accelerator, loader, grad_accum
+    def __init__(self, accelerator: Accelerator, loaders: list[Any], plan: list[Phase], grad_accum: int):
+        self.accelerator, self.loaders, self.plan, self.grad_accum = accelerator, loaders, plan, grad_accum
 
     def batches(self, policy: nn.Module, first: int) -> Iterator[dict]:
-        """An endless stream of batches over epochs, starting at micro-batch ``first`` (0 for a fresh run)."""
-        epoch, skip = divmod(first, len(self.loader))
+        """An endless stream of micro-batches, ``grad_accum`` per optimizer step from that step's phase's loader,
+        starting at micro-batch ``first`` (0 for a fresh run; a multiple of ``grad_accum``)."""
+        running: dict[int, Iterator[dict]] = {}
+        for step in count(first // self.grad_accum):
+            loader = self.loaders[phase_at(self.plan, min(step, self.plan[-1].end - 1)).index]
+            if id(loader) not in running:
+                running[id(loader)] = self._endless(loader, self._used(loader, step))
+            for _ in range(self.grad_accum):
+                yield next(running[id(loader)])
+
+    def _endless(self, loader: Any, first: int) -> Iterator[dict]:
+        epoch, skip = divmod(first, len(loader))
         while True:
-            self.loader.set_epoch(epoch)
-            yield from self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            loader.set_epoch(epoch)
+            yield from self.accelerator.skip_first_batches(loader, skip) if skip else loader
             epoch, skip = epoch + 1, 0
 
+    def _used(self, loader: Any, step: int) -> int:
+        """Micro-batches ``loader`` has handed out before optimizer step ``step``."""
+        steps = sum(max(0, min(step, p.end) - p.start) for p in self.plan if self.loaders[p.index] is loader)
+        return steps * self.grad_accum
+
     def epoch(self, step: int) -> float:
-        return step * self.grad_accum / len(self.loader)
+        """Epochs of the current phase's data seen after ``step`` optimizer steps."""
+        loader = self.loaders[phase_at(self.plan, max(step - 1, 0)).index]
+        return self._used(loader, step) / len(loader)
 
     def step_metrics(self) -> dict[str, float]:
         return {}
@@ -323,11 +351,49 @@ def _log(accelerator: Accelerator, path: Path, metrics: dict[str, Any]) -> None:
         accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
 
 
-def _eval_loader(accelerator: Accelerator, adapter: Adapter, run: RunConfig) -> Any | None:
-    if not run.eval_every or adapter.eval_dataset is None:
-        return None
-    loader = DataLoader(adapter.eval_dataset, batch_size=run.batch_size, collate_fn=adapter.collate)
-    return accelerator.prepare_data_loader(loader)  # prepared once: save_state/load_state count dataloaders
+def _eval_loaders(accelerator: Accelerator, adapter: Adapter, run: RunConfig) -> list[Any | None]:
+    """Each phase's evaluation loader (None: no evaluation in that phase); one per distinct dataset."""
+    sets = adapter.phase_eval_datasets if run.eval_every else [None] * len(adapter.phase_eval_datasets)
+    made: dict[int, Any] = {}
+    for d in sets:
+        if d is not None and id(d) not in made:  # prepared once: save_state/load_state count dataloaders
+            made[id(d)] = accelerator.prepare_data_loader(
+                DataLoader(d, batch_size=run.batch_size, collate_fn=adapter.collate))
+    return [made[id(d)] if d is not None else None for d in sets]
+
+
+# ----- the reference at phase starts (reference.from_phase_start) ---------------------------------------------------
+def _reference_file(out: Path, phase: Phase) -> Path:
+    return out / "reference" / f"phase{phase.index}-{phase.name}.safetensors"
+
+
+def _reference_from_policy(accelerator: Accelerator, adapter: Adapter, policy: nn.Module, optimizer: Any,
+                           phase: Phase, out: Path, seed: int) -> None:
+    """The reference becomes the policy as the previous phase left it; the new phase starts with fresh optimizer
+    moments, as a separate run from that model would. A frozen copy's weights are kept beside the checkpoints."""
+    state = adapter.reference_from_policy(policy, seed=seed + phase.index)
+    optimizer.state.clear()  # AdamW restarts its moments (and bias correction) lazily
+    if state is not None and accelerator.is_main_process:
+        path = _reference_file(out, phase)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file(state, str(tmp))
+    accelerator.print(f"phase {phase.name!r}: the reference is now the policy as the previous phase ended")
+
+
+def _restore_reference(cfg: TrainConfig, adapter: Adapter, plan: list[Phase], step: int, out: Path) -> None:
+    """On resume: the reference of the phase the run stopped in, if it was taken from the policy (copy mode; a
+    folded LoRA adapter is in the policy's checkpoint already). A phase entered exactly at ``step`` takes it anew."""
+    if not cfg.reference.from_phase_start or adapter.ref_mode != "copy" or step >= plan[-1].end:
+        return
+    phase = phase_at(plan, step)
+    if phase.index == 0 or step == phase.start:
+        return
+    path = _reference_file(out, phase)
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; it holds the reference of phase {phase.name!r} "
+                              "(reference.from_phase_start) this run needs to resume")
+    adapter.set_reference(state=load_file(str(path)))
 
 
 @torch.no_grad()

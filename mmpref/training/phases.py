@@ -22,23 +22,26 @@ class Phase:
     end: int  # one past the last
 
 
-def plan_phases(cfg: TrainConfig, batches_per_epoch: int) -> list[Phase]:
+def plan_phases(cfg: TrainConfig, batches_per_epoch: int | list[int]) -> list[Phase]:
     """Phase boundaries in optimizer steps. A single ``loss`` is one phase named ``train``.
 
-    ``epochs`` count micro-batches of this process's dataloader (``batches_per_epoch``), ``grad_accum`` of them per
-    optimizer step, rounded up. The last phase may be open-ended: it runs until ``run.max_steps`` or
-    ``run.epochs``. ``run.max_steps``, when set, caps the whole run.
+    ``epochs`` count micro-batches of this process's dataloader for that phase (``batches_per_epoch``: one number
+    for all phases, or one per phase when phases have their own data), ``grad_accum`` of them per optimizer step,
+    rounded up. The last phase may be open-ended: it runs until ``run.max_steps`` or ``run.epochs`` (of its own
+    data). ``run.max_steps``, when set, caps the whole run.
     """
     run = cfg.run
-    to_steps = lambda epochs: max(1, math.ceil(epochs * batches_per_epoch / run.grad_accum))  # noqa: E731
     specs = cfg.phases or [PhaseConfig(name="train", loss=cfg.loss)]
-    lengths = [p.max_steps if p.max_steps is not None else to_steps(p.epochs) if p.epochs else None for p in specs]
+    per_phase = batches_per_epoch if isinstance(batches_per_epoch, list) else [batches_per_epoch] * len(specs)
+    to_steps = lambda epochs, i: max(1, math.ceil(epochs * per_phase[i] / run.grad_accum))  # noqa: E731
+    lengths = [p.max_steps if p.max_steps is not None else to_steps(p.epochs, i) if p.epochs else None
+               for i, p in enumerate(specs)]
     if run.max_steps is not None:
         total = run.max_steps
     elif lengths[-1] is not None:
         total = sum(lengths)
     else:
-        total = to_steps(run.epochs)
+        total = to_steps(run.epochs, len(specs) - 1)
     phases, start = [], 0
     for i, (spec, n) in enumerate(zip(specs, lengths)):
         end = min(total, start + n) if n is not None else total
