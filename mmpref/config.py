@@ -128,9 +128,16 @@ class RunConfig:
     # LoRA runs: final/ holds the adapter merged into the base, a full model that loads with no peft and no base
     # path (the adapter alone goes to final/adapter/); without it final/ holds the adapter alone
     merge_lora: bool = False
+    # upload final/ (with its model card, README.md) to the Hugging Face Hub at the end of the run; the token is
+    # checked at launch. Repositories are created private unless hub_private is false.
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # "owner/name" (or "name" under your account)
+    hub_private: bool = True
 
     def __post_init__(self) -> None:
         check(bool(self.output_dir), "output_dir", "required")
+        check(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id",
+              "required with push_to_hub: the repository to upload to, e.g. my-org/my-model")
         for name in ("batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, name, f"must be >= 1; got {getattr(self, name)}")
         check(math.isfinite(self.epochs) and self.epochs > 0, "epochs", f"must be > 0; got {self.epochs}")

@@ -123,6 +123,11 @@ class Adapter(ABC):
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
         """Write the trained model (safetensors; adapters alone for LoRA) to ``path``."""
 
+    def card_metadata(self) -> dict[str, Any]:
+        """What the model card says about this modality's output (:func:`mmpref.training.hub.model_card`):
+        ``library_name``, ``base_model``, ``pipeline_tag``, ``tags``, ``usage`` (code that loads ``final/``)."""
+        return {}
+
     # ----- the reference as training goes on ----------------------------------------------------------------------
     def reference_state(self) -> dict[str, Tensor]:
         """The frozen reference's weights (``copy`` mode), on CPU: what a run keeps to restore it on resume."""

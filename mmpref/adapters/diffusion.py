@@ -664,6 +664,11 @@ class DiffusionAdapter(Adapter):
                         out[f"diffusion/mse_{who}_{side}/t{lo}-{hi}"] = vals[sel].mean().item()
         return out
 
+    def card_metadata(self) -> dict[str, Any]:
+        return {"base_model": self.mcfg.pipeline, "pipeline_tag": "text-to-audio", "tags": ["tango", "diffusion-dpo"],
+                "usage": "from mmpref import TangoPipeline\n\npipe = TangoPipeline.from_pretrained({repo})\n"
+                         "audio = pipe([\"a dog barks, then a car passes\"])"}
+
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
         """The whole pipeline, usable as it is by ``mmpref generate`` and ``TangoPipeline.from_pretrained``. With
         LoRA the adapter is fused into a copy of the UNet first (the trained policy keeps its adapter), and the

@@ -566,6 +566,17 @@ class LLMAdapter(Adapter):
         return h.hexdigest()
 
     # ----- saving -------------------------------------------------------------------------------------------------
+    def card_metadata(self) -> dict[str, Any]:
+        adapter_only = self.cfg.lora.enabled and not self.cfg.run.merge_lora
+        if adapter_only:  # final/ is the adapter: peft finds the base model from its adapter_config.json
+            usage = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                     "model = AutoPeftModelForCausalLM.from_pretrained({repo})\n")
+        else:
+            usage = "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n" \
+                    "model = AutoModelForCausalLM.from_pretrained({repo})\n"
+        return {"library_name": "peft" if adapter_only else "transformers", "base_model": self.cfg.model.path,
+                "pipeline_tag": "text-generation", "usage": usage + "tokenizer = AutoTokenizer.from_pretrained({repo})"}
+
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
         """safetensors weights and the tokenizer. With LoRA: the adapter alone, or with ``run.merge_lora`` the
         merged full model (the adapter alone in ``adapter/``), which ``AutoModelForCausalLM`` loads as it is."""

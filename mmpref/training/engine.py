@@ -49,7 +49,7 @@ from mmpref.losses.registry import tagged_metrics
 from mmpref.modalities import get_adapter_class
 from mmpref.online.source import OnlineSource
 
-from . import run_folder
+from . import hub, run_folder
 from .checkpoint import flatten_loss_states, load_checkpoint, newest_intact, save_checkpoint
 from .curves import plot_curves
 from .phases import Phase, phase_at, plan_phases
@@ -96,6 +96,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
     run, out = cfg.run, folder.out
+    hub.check_push(cfg)  # before hours of training, not after
     _forget_earlier_runs()
     accelerator = Accelerator(
         cpu=run.cpu,
@@ -218,11 +219,14 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
     final = out / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(adapter, accelerator.unwrap_model(policy), final)
+        card = hub.model_card(cfg, plan, metrics_file, adapter.card_metadata())
+        _save_final(adapter, accelerator.unwrap_model(policy), final, card)
         if metrics_file.exists():
             plot_curves(metrics_file)  # training_curves.png beside metrics.jsonl
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if run.push_to_hub and accelerator.is_main_process:
+        accelerator.print(f"uploaded {final} to the Hub: {hub.push(final, cfg)}")
     return TrainResult(step=step, metrics=last, output_dir=str(out), final_dir=str(final),
                        checkpoint=str(ckpt) if ckpt else None, metrics_file=str(metrics_file), policy=adapter.policy)
 
@@ -407,10 +411,12 @@ def _evaluate(adapter: Adapter, policy: nn.Module, loss: Any, loader: Any) -> di
     return {f"eval/{k}": v for k, v in _mean_over_processes(_mean(rows)).items()}
 
 
-def _save_final(adapter: Adapter, policy: nn.Module, final: Path) -> None:
-    """adapter.save_pretrained into a temp folder that then takes ``final``'s place: never half-written."""
+def _save_final(adapter: Adapter, policy: nn.Module, final: Path, card: str) -> None:
+    """adapter.save_pretrained and the model card (README.md) into a temp folder that then takes ``final``'s
+    place: never half-written."""
     with atomic_dir(final) as tmp:
         adapter.save_pretrained(policy, str(tmp))
+        (Path(tmp) / "README.md").write_text(card)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
