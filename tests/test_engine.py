@@ -206,3 +206,21 @@ def test_training_curves_are_drawn_from_the_logged_metrics(tmp_path: Path):
     assert curves["loss"]["eval/loss"][0] == [r["step"] for r in rows if "eval/loss" in r] != []
     first_dpo = next(s for s, p, _ in logged if p == "dpo")
     assert phase_starts(res.metrics_file) == [(first_dpo, "dpo")]
+
+
+@pytest.mark.parametrize("kind,stage,refused", [("FSDP", None, True), ("DEEPSPEED", 3, True),
+                                                ("DEEPSPEED", 2, False), ("MULTI_CPU", None, False)])
+def test_sharding_backends_mmpref_cannot_gather_are_refused_at_launch(kind, stage, refused):
+    from types import SimpleNamespace
+
+    from mmpref.errors import ConfigError
+    from mmpref.training.engine import _check_backend
+
+    plugin = SimpleNamespace(zero_stage=stage) if stage else None
+    accelerator = SimpleNamespace(distributed_type=f"DistributedType.{kind}",
+                                  state=SimpleNamespace(deepspeed_plugin=plugin))
+    if refused:
+        with pytest.raises(ConfigError, match="does not gather or shard yet .* launch with DDP"):
+            _check_backend(accelerator)
+    else:
+        _check_backend(accelerator)

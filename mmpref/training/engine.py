@@ -43,7 +43,7 @@ from transformers import get_scheduler
 
 from mmpref.adapters import Adapter
 from mmpref.config import OptimConfig, RunConfig, TrainConfig, build_objectives, config_to_dict
-from mmpref.errors import CheckpointError, MmprefError, writing_to
+from mmpref.errors import CheckpointError, ConfigError, MmprefError, writing_to
 from mmpref.io import atomic_dir, atomic_file, write_text_atomic
 from mmpref.losses.registry import tagged_metrics
 from mmpref.modalities import get_adapter_class
@@ -108,6 +108,8 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
         log_with=_trackers(run.report_to),
         project_dir=str(out),
     )
+
+    _check_backend(accelerator)
 
     # ----- model, data, objectives --------------------------------------------------------------------------------
     set_seed(run.seed)  # identical initial weights on every process
@@ -229,6 +231,18 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
         accelerator.print(f"uploaded {final} to the Hub: {hub.push(final, cfg)}")
     return TrainResult(step=step, metrics=last, output_dir=str(out), final_dir=str(final),
                        checkpoint=str(ckpt) if ckpt else None, metrics_file=str(metrics_file), policy=adapter.policy)
+
+
+def _check_backend(accelerator: Any) -> None:
+    """Refuse the backends whose sharded weights mmpref does not gather yet (final/ would not be the whole model
+    and the frozen reference would be a full copy on every device); say what runs instead."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if kind == "FSDP" or (kind == "DEEPSPEED" and plugin is not None and plugin.zero_stage == 3):
+        raise ConfigError(f"this launch uses {'FSDP' if kind == 'FSDP' else 'DeepSpeed ZeRO-3'}, whose sharded "
+                          "weights mmpref does not gather or shard yet (the final model and the frozen reference); "
+                          "launch with DDP (accelerate launch --multi_gpu) or DeepSpeed ZeRO-1/2, with LoRA or "
+                          "reference.mode=lora to save memory")
 
 
 def _agreed(accelerator: Accelerator, fn: Any) -> Any:
