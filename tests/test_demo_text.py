@@ -142,7 +142,12 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
     out = tmp_path / "demo"
     assert text.main(["--quick", "--out", str(out), "--seed", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["loss"] == "dpo" and set(report["models"]) == {"sft", "aligned"}
+    assert report["loss"] == "dpo" and set(report["models"]) == {"sft", "aligned", "online"}
+    assert set(report["difference"]) == {"aligned-sft", "online-sft", "online-aligned"}
+    assert set(report["validation"]["models"]) == set(report["models"])
+    online_cfg = yaml.safe_load((out / "online" / "config.yaml").read_text())
+    assert online_cfg["online"]["judge"]["path"] == "mmpref.demo.text:rule_reward"
+    assert online_cfg["online"]["prompts"] == str(out / "data" / "sft.jsonl")
     assert "| exact_match |" in (out / "report.md").read_text()
     # the report's means are the means of the scored generations, and the scores are those of the outputs
     for name in ("sft", "aligned"):
@@ -156,17 +161,31 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
             assert s["lo"] <= s["mean"] <= s["hi"]
     train_prompts = {json.loads(line)["prompt"] for line in (out / "data" / "prefs.jsonl").read_text().splitlines()}
     eval_prompts = {r["prompt"] for r in rows}
+    val_prompts = {json.loads(line)["prompt"] for line in (out / "data" / "val.jsonl").read_text().splitlines()}
     assert not train_prompts & eval_prompts  # held out
+    assert len(val_prompts) == report["data"]["val_prompts"] and not val_prompts & (train_prompts | eval_prompts)
     capsys.readouterr()
 
     # an unpaired loss on the same pairs; data, model and SFT stages come from the cache
     assert text.main(["--quick", "--out", str(out), "--seed", "1", "--loss", "kto"]) == 0
     log = capsys.readouterr().out
     assert "[sft] cached" in log and "[model] cached" in log and "[eval_sft] cached" in log
+    assert "[online] cached" in log  # the online arm does not depend on the offline loss
     assert "[align] cached" not in log
     kto = json.loads((out / "report.json").read_text())
     assert kto["loss"] == "kto" and kto["models"]["sft"] == report["models"]["sft"]
     assert yaml.safe_load((out / "align" / "config.yaml").read_text())["loss"] == {"kto": {"beta": 0.1}}
+
+
+@pytest.mark.parametrize("prompt,response,reward", [
+    ("list: red, cat, owl =>", " red, cat, owl", 3.0),  # exact + all 3 pairs in order + all items
+    ("list in reverse: red, cat, owl =>", " owl, cat, red", 3.0),
+    ("list in reverse: red, cat, owl =>", " red, cat, owl", 0.0 + 0.0 + 1.0),  # every pair reversed
+    ("list: red, cat, owl =>", " red, owl", 0.0 + 1 / 3 + 2 / 3),  # cat missing: only (red, owl) in order
+    ("list: red, cat =>", " red, cat, sun", 0.0 + 1.0 + 1.0 - 1 / 2),  # an unlisted item costs 1/len(gold)
+])
+def test_rule_reward_by_hand(prompt, response, reward):
+    assert text.rule_reward([prompt], [response]) == [pytest.approx(reward)]
 
 
 def test_example_dataclass_answer():

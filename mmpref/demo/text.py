@@ -10,7 +10,10 @@ engine. Greedy generations on held-out prompts are scored before and after align
 item recall) with bootstrap confidence intervals, and written to ``report.md`` / ``report.json``.
 
 A compute-matched control continues SFT on the gold answers for as many steps as the alignment took, so the report
-shows whether the preference loss beats simply training longer (``eval.control`` in the config).
+shows whether the preference loss beats simply training longer (``eval.control`` in the config). An online arm
+(``eval.online``; the ``online`` section, an ``mmpref train`` config with an ``online:`` part) trains the SFT model on
+its own samples for the training prompts, judged each step by the task's rule (:func:`rule_reward`), with online DPO.
+Every model is scored on validation prompts (for choosing settings) and on held-out prompts (the report's verdict).
 
 Stages (data, model, sft, align, control, eval) are cached in the output directory under a fingerprint of everything
 they depend on, so a rerun skips finished stages and an interrupted training resumes from its checkpoint.
@@ -106,6 +109,26 @@ def preference_pairs(examples: Sequence[Example], task: dict[str, Any], rng: ran
     return rows
 
 
+# ----- the online arm's judge ----------------------------------------------------------------------------------------
+def gold_of(prompt: str) -> list[str]:
+    """The answer a prompt asks for: its items, reversed for ``list in reverse:``."""
+    head, _, rest = prompt.partition(":")
+    items = parse_answer(rest.rsplit("=>", 1)[0])
+    return items[::-1] if head.strip() == "list in reverse" else items
+
+
+def rule_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The task's rule as a reward (an ``online.judge`` of kind ``callable``): exact match + order accuracy + item
+    recall of the parsed answer, minus the share of named items the prompt did not list."""
+    out = []
+    for prompt, response in zip(prompts, responses):
+        gold, pred = gold_of(prompt), parse_answer(response)
+        s = score_answer(pred, gold)
+        extra = sum(p not in gold for p in pred) / len(gold)
+        out.append(s["exact_match"] + s["order_accuracy"] + s["item_recall"] - extra)
+    return out
+
+
 # ----- scoring ------------------------------------------------------------------------------------------------------
 def score_answer(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
     """Exact match; order accuracy (fraction of gold item pairs in the right relative order, a missing item fails
@@ -160,15 +183,23 @@ def build_data(cfg: dict, seed: int, out: Path) -> tuple[dict, str]:
         evals += [ex for ex in make_examples(task, task["eval_prompts"], rng) if ex.prompt not in seen]
         seen |= {ex.prompt for ex in evals}
     evals = evals[: task["eval_prompts"]]
+    vals: list[Example] = []  # for choosing settings; its own generator, so the other sets stay as they were
+    vrng, seen = random.Random(f"{seed}-val"), seen | {ex.prompt for ex in evals}
+    while len(vals) < task["val_prompts"]:
+        vals += [ex for ex in make_examples(task, task["val_prompts"], vrng) if ex.prompt not in seen]
+        seen |= {ex.prompt for ex in vals}
+    vals = vals[: task["val_prompts"]]
     pairs = preference_pairs(train, task, rng)
     # the SFT run reads the same pair layout (its loss only uses the winner); one row per prompt
     write_jsonl_atomic(out / "sft.jsonl", [{"prompt": e.prompt, "chosen": e.answer, "rejected": format_answer(
         perturb(e.gold, "omission", task["items"], rng))} for e in train])
     write_jsonl_atomic(out / "prefs.jsonl", pairs)
     write_jsonl_atomic(out / "eval.jsonl", [{"prompt": e.prompt, "gold": list(e.gold)} for e in evals])
+    write_jsonl_atomic(out / "val.jsonl", [{"prompt": e.prompt, "gold": list(e.gold)} for e in vals])
     counts = {k: sum(r["perturbation"] == k for r in pairs) for k in task["perturbations"]}
-    return {"train_prompts": len(train), "pairs": len(pairs), "eval_prompts": len(evals), "perturbations": counts}, (
-        f"{len(train)} SFT prompts, {len(pairs)} preference pairs {counts}, {len(evals)} held-out prompts")
+    return {"train_prompts": len(train), "pairs": len(pairs), "eval_prompts": len(evals), "val_prompts": len(vals),
+            "perturbations": counts}, (f"{len(train)} SFT prompts, {len(pairs)} preference pairs {counts}, "
+                                       f"{len(vals)} validation and {len(evals)} held-out prompts")
 
 
 def build_model(cfg: dict, seed: int, data_dir: Path, out: Path) -> tuple[dict, str]:
@@ -199,7 +230,10 @@ def run_training(raw: dict, model_path: str, data_path: Path, out: Path, seed: i
 
     raw = copy.deepcopy(raw)
     raw["model"]["path"] = model_path
-    raw["data"]["path"] = str(data_path)
+    if "online" in raw:  # the policy's own samples for the training prompts
+        raw["online"]["prompts"] = str(data_path)
+    else:
+        raw["data"]["path"] = str(data_path)
     raw["run"].update(output_dir=str(out), seed=seed)
     cfg = config_from_dict(raw, source="configs/demo_text.yaml")
     result = train(cfg)
@@ -244,8 +278,9 @@ def evaluate(model_dir: str, examples: Sequence[dict], ecfg: dict) -> tuple[dict
 def build_report(info: dict, rows: dict[str, list[dict]], n_boot: int, seed: int) -> dict:
     """Per-model metric summaries and error counts, paired differences of the aligned model against the SFT model
     (and against the compute-matched SFT control when it ran), a verdict and a few example generations."""
-    diffs = {f"aligned-{base}": compare(rows[base], rows["aligned"], n_boot, seed)
-             for base in rows if base != "aligned"}
+    arms = [a for a in ARMS if a in rows]
+    diffs = {f"{arm}-{base}": compare(rows[base], rows[arm], n_boot, seed)
+             for arm in arms for base in rows if base not in arms[arms.index(arm):]}
     return {
         **info,
         "models": {name: summarise(r, n_boot, seed) for name, r in rows.items()},
@@ -272,7 +307,8 @@ def error_counts(rows: Sequence[dict]) -> dict[str, int]:
     return out
 
 
-MODEL_TITLES = {"sft": "SFT", "sft_control": "SFT control", "aligned": "aligned"}
+MODEL_TITLES = {"sft": "SFT", "sft_control": "SFT control", "aligned": "aligned", "online": "online"}
+ARMS = ("aligned", "online")  # trained on preferences; compared with every other model
 
 
 def render_markdown(r: dict) -> str:
@@ -294,7 +330,7 @@ def render_markdown(r: dict) -> str:
            " the gain that more training alone buys." if control else ""),
         "",
         "| metric | " + " | ".join(MODEL_TITLES[n] for n in names) + " | " + " | ".join(
-            f"aligned - {MODEL_TITLES[d.split('-', 1)[1]]}" for d in r["difference"]) + " |",
+            " - ".join(MODEL_TITLES[n] for n in d.split("-", 1)) for d in r["difference"]) + " |",
         "|---" * (1 + len(names) + len(r["difference"])) + "|",
     ]
     for m in METRICS:
@@ -303,8 +339,24 @@ def render_markdown(r: dict) -> str:
                      + " |")
     lines += ["", "`*`: the 95% interval of the difference excludes 0.", "",
               f"Verdict (aligned vs SFT): {r['verdict']}"]
-    if control:
-        lines.append(f"Aligned vs the SFT control: {verdict(r['difference']['aligned-sft_control'])}")
+    for name, title in (("aligned-sft_control", "Aligned vs the SFT control"), ("online-sft", "Online vs SFT"),
+                        ("online-sft_control", "Online vs the SFT control"), ("online-aligned", "Online vs aligned")):
+        if name in r["difference"]:
+            lines.append(f"{title}: {verdict(r['difference'][name])}")
+    if r.get("online_steps"):
+        lines.append(f"The online arm: {r['online_steps']} online DPO steps from the SFT model on its own samples "
+                     "for the training prompts, judged by the task's rule (no preference pairs).")
+    if "validation" in r:
+        v = r["validation"]
+        lines += ["", f"Validation prompts ({r['data'].get('val_prompts', '?')}; settings are chosen on these), "
+                      "means and paired differences:", "",
+                  "| metric | " + " | ".join(MODEL_TITLES[n] for n in v["models"]) + " | " + " | ".join(
+                      " - ".join(MODEL_TITLES[n] for n in d.split("-", 1)) for d in v["difference"]) + " |",
+                  "|---" * (1 + len(v["models"]) + len(v["difference"])) + "|"]
+        for m in METRICS:
+            lines.append(f"| {m} | " + " | ".join(f"{v['models'][n][m]['mean']:.3f}" for n in v["models"]) + " | "
+                         + " | ".join(f"{d[m]['mean']:+.3f}{' *' if d[m]['significant'] else ''}"
+                                      for d in v["difference"].values()) + " |")
     lines += ["", "Error counts (answers):", "", "| model | exact | missing item | extra item | order only |",
               "|---|---|---|---|---|"]
     for name in names:
@@ -388,13 +440,22 @@ def run(args: argparse.Namespace) -> dict:
         control = run_cached(out, "sft_control", key_control, lambda: run_training(
             control_cfg, sft["final"], out / "data" / "sft.jsonl", out / "sft_control", seed))
         models = {"sft": models["sft"], "sft_control": (key_control, control["final"]), "aligned": models["aligned"]}
-    rows = {name: run_cached(out, f"eval_{name}", fingerprint(key, cfg["eval"]),
-                             lambda path=path: evaluate(path, examples, cfg["eval"]))["rows"]
-            for name, (key, path) in models.items()}
+    online_steps = None
+    if cfg["eval"].get("online", False):  # the SFT model on its own samples, judged by the task's rule
+        key_online = fingerprint(key_sft, cfg["online"])
+        online = run_cached(out, "online", key_online, lambda: run_training(
+            cfg["online"], sft["final"], out / "data" / "sft.jsonl", out / "online", seed))
+        models["online"], online_steps = (key_online, online["final"]), online["steps"]
+    rows, val_rows = ({name: run_cached(out, f"{split}_{name}", fingerprint(key, cfg["eval"]),
+                                        lambda path=path, ex=ex: evaluate(path, ex, cfg["eval"]))["rows"]
+                       for name, (key, path) in models.items()}
+                      for split, ex in (("eval", examples), ("val", read_jsonl(out / "data" / "val.jsonl"))))
     info = {"loss": args.loss, "seed": seed, "quick": args.quick, "data": data, "model": model,
-            "sft_steps": sft["steps"], "align_steps": align["steps"], "bootstrap": cfg["eval"]["bootstrap"],
-            "align_metrics": align["metrics"], "command": "mmpref demo --modality text " + " ".join(args.argv)}
+            "sft_steps": sft["steps"], "align_steps": align["steps"], "online_steps": online_steps,
+            "bootstrap": cfg["eval"]["bootstrap"], "align_metrics": align["metrics"],
+            "command": "mmpref demo --modality text " + " ".join(args.argv)}
     report = build_report(info, rows, cfg["eval"]["bootstrap"], seed)
+    report["validation"] = build_report({}, val_rows, cfg["eval"]["bootstrap"], seed)
     report["wall_s"] = time.perf_counter() - t0
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", render_markdown(report))
@@ -402,8 +463,8 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-TEXT_DEMO_ENTRIES = ("data", "model", "sft", "align", "sft_control", "eval_*", "*.done.json", "report.json",
-                     "report.md")
+TEXT_DEMO_ENTRIES = ("data", "model", "sft", "align", "sft_control", "online", "eval_*", "val_*", "*.done.json",
+                     "report.json", "report.md")
 
 
 def _written_by_the_text_demo(entries: list[str]) -> bool:
