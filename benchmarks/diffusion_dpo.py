@@ -18,6 +18,13 @@ differ:
 * ``mmpref_lora_amp`` / ``mmpref_bf16_amp`` (GPU only): the two (b) variants with bf16 autocast
   (``run.mixed_precision=bf16``), the setting a GPU user would turn on; Tango 2's script trained in float32.
 
+The floor (``--floor``): a diffusion-DPO step over groups of 1+K cannot cost less than a plain denoising training
+step over the same 1+K latents plus one no-grad reference forward over them. ``floor`` jobs time exactly that (the
+adapter's own inputs, the policy's MSE as the loss, clipping and AdamW, no DPO and no engine) for the
+``mmpref_fp32`` and ``mmpref_lora`` settings, and ``DPO step / floor`` is reported beside them. A second floor job
+runs the reference forward after the policy's instead of before it (mmpref's order), to show what that order costs
+in peak memory.
+
 Presets: ``tiny`` (mmpref's test preset) and ``mid``, the tiny layout scaled up by overriding the preset's config
 (wider UNet with 3 levels and 2 layers per block, a larger T5 encoder and VAE), far smaller than ``tango`` (866M
 UNet), so that it runs on a CPU in seconds per step. Each run is its own subprocess: peak memory is the process's
@@ -334,6 +341,8 @@ def worker(job: str, preset_name: str, variant: str, assets_file: str, settings_
 
         DiffusionAdapter(cfg).setup(Accelerator(cpu=s.device == "cpu"))
         res: dict[str, Any] = {"cache_build_s": time.perf_counter() - started}
+    elif job.startswith("floor"):
+        res = {**floor_steps(cfg, s, preset_name, reference_first=job == "floor"), "final_loss": None}
     else:
         clock = StepClock()
         with engine_step_clock(clock):
@@ -341,6 +350,45 @@ def worker(job: str, preset_name: str, variant: str, assets_file: str, settings_
         res = {**clock.summary(s.warmup), "final_loss": result.metrics.get("loss")}
     res.update(memory_report(base), wall_s=time.perf_counter() - started, torch_threads=torch.get_num_threads())
     print(json.dumps(res))
+
+
+def floor_steps(cfg: Any, s: Settings, preset_name: str, reference_first: bool) -> dict[str, float]:
+    """The floor of one DPO step: denoising MSE of every group member as the loss (backward, clipping, AdamW) plus
+    a no-grad reference forward over the same inputs, on the adapter's own batches, noise and timesteps."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from mmpref.adapters.diffusion import DiffusionAdapter, _mse
+
+    accelerator = Accelerator(cpu=s.device == "cpu")
+    adapter = DiffusionAdapter(cfg)
+    adapter.setup(accelerator)
+    policy = adapter.policy.to(accelerator.device).train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr)
+    loader = DataLoader(adapter.train_dataset, batch_size=s.batch_size[preset_name], shuffle=True,
+                        collate_fn=adapter.collate)
+    clock = StepClock()
+    batches = iter(loader)
+    for _ in range(s.steps[preset_name]):
+        batch = next(batches)
+        cols = list(range(adapter._group_size(batch)))
+        draws = adapter._draw(batch, len(cols), training=True)
+        inputs = adapter.unet_inputs(batch, cols, draws)
+        if reference_first:
+            with torch.no_grad(), adapter._reference() as ref:
+                _mse(ref, *inputs)
+        loss = _mse(policy, *inputs).mean()
+        if not reference_first:
+            with torch.no_grad(), adapter._reference() as ref:
+                _mse(ref, *inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick()
+    return clock.summary(s.warmup)
 
 
 def run(job: str, preset: str, variant: str, assets_file: Path, s: Settings, work: Path) -> dict[str, Any]:
@@ -420,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, help="torch threads per run (0: torch's default; default 1 on CPU)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: GPU settings (see GPU above)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="GPU: cuDNN autotuning for every variant")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the floor (denoising step + no-grad reference forward) of mmpref_fp32 / _lora")
     ap.add_argument("--out", help="result JSON (default benchmarks/results/diffusion_dpo[_quick].json)")
     ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -446,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, dict]] = {}
     caches: dict[str, dict] = {}
     failures: dict[str, dict[str, str]] = {}
+    floors: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="mmpref-bench-diffusion-") as tmp:
         work = Path(tmp)
         assets = build_assets(work, s)
@@ -473,8 +524,26 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
                 report = make_report(args, s, assets, caches, results, flops, started, load0)
-                report["failures"] = failures
+                report["failures"], report["floor"] = failures, floors
                 write_json_atomic(out, report, indent=2)  # after every run: a cut-off run keeps what it measured
+            for variant in ("mmpref_fp32", "mmpref_lora") if args.floor else ():
+                if variant not in results.get(preset, {}):
+                    continue
+                dpo = results[preset][variant]
+                first, after = (run(job, preset, variant, assets_file, s, work) for job in ("floor", "floor_after"))
+                floors.setdefault(preset, {})[variant] = {
+                    "floor": first, "floor_reference_after_policy": after,
+                    "dpo_over_floor_wall": round(dpo["s_per_step"] / first["s_per_step"], 3),
+                    "dpo_over_floor_cpu": round(dpo["cpu_s_per_step"] / first["cpu_s_per_step"], 3),
+                    "peak_reference_after_over_first": round(peak_mib(after) / peak_mib(first), 3),
+                    "target_max": 1.15,
+                }
+                f = floors[preset][variant]
+                print(f"  {variant:>15}: DPO step / floor {f['dpo_over_floor_wall']:.2f}x wall, "
+                      f"{f['dpo_over_floor_cpu']:.2f}x CPU; floor peak {peak_mib(first):.0f} MiB (reference first), "
+                      f"{peak_mib(after):.0f} MiB (reference after the policy)", flush=True)
+                report["floor"] = floors
+                write_json_atomic(out, report, indent=2)
     print(table(report))
     for name, f in flops.items():
         print(f"{name}: (a)/(b) forward+backward FLOPs per group = {f['a_over_b']:.2f}")

@@ -522,24 +522,33 @@ class DiffusionAdapter(Adapter):
 
     def _errors(self, policy: nn.Module, batch: dict, cols: list[int], draws: dict,
                 need_ref: bool) -> tuple[Tensor, Tensor | None]:
-        """Policy (and reference) MSE ``(B, len(cols))`` of the members ``cols`` of every group."""
+        """Policy (and reference) MSE ``(B, len(cols))`` of the members ``cols`` of every group.
+
+        The reference pass runs first, without gradients, so its activations are freed before the policy's graph
+        is built (run after, they would sit on top of it: a higher peak)."""
+        inputs = self.unet_inputs(batch, cols, draws)
+        b, n = len(draws["t"]), len(cols)
+        # the kernel choice also holds for the backward, which autograd records per attention op
+        with attention_kernels(self.mcfg.attention_backends):
+            ref = None
+            if need_ref:
+                with torch.no_grad(), self._reference() as model:
+                    ref = _mse(model, *inputs).view(b, n)
+            pol = _mse(policy, *inputs).view(b, n)
+        return pol, ref
+
+    def unet_inputs(self, batch: dict, cols: list[int], draws: dict) -> tuple[Tensor, ...]:
+        """``(noisy latents, t, text hidden, text mask, target)`` for the members ``cols`` of every group, flattened
+        to ``B * len(cols)`` rows: what the policy and the reference denoise (``_mse(model, *inputs)``)."""
         hidden, mask = self._condition(batch, draws["drop"])
         mean, std = self._posterior(batch, cols)
-        b, n = mean.shape[:2]
+        n = mean.shape[1]
         x0 = (mean + std * draws["eps"][:, cols]).flatten(0, 1)
         t = draws["t"].repeat_interleave(n)
         noise = draws["noise"].repeat_interleave(n, dim=0)
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
-        hidden, mask = hidden.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-        # the kernel choice also holds for the backward, which autograd records per attention op
-        with attention_kernels(self.mcfg.attention_backends):
-            pol = _mse(policy, noisy, t, hidden, mask, target).view(b, n)
-            ref = None
-            if need_ref:
-                with torch.no_grad(), self._reference() as model:
-                    ref = _mse(model, noisy, t, hidden, mask, target).view(b, n)
-        return pol, ref
+        return noisy, t, hidden.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), target
 
     @contextmanager
     def _reference(self):
