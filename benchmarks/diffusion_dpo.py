@@ -92,6 +92,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "lora": True,
         "gradient_checkpointing": True,
     },
+    "mmpref_fp32_gc": {
+        "cache": True,
+        "grouped_forward": True,
+        "reference": {"mode": "copy", "dtype": None},
+        "lora": False,
+        "gradient_checkpointing": True,
+    },
     "mmpref_lora_amp": {
         "cache": True,
         "grouped_forward": True,
@@ -113,6 +120,7 @@ LABELS = {
     "mmpref_bf16": "(b) mmpref: cached, grouped, bf16 reference copy",
     "mmpref_fp32": "ablation: cached, grouped, fp32 reference copy",
     "mmpref_lora_gc": "(b) mmpref: cached, grouped, LoRA reference, gradient checkpointing",
+    "mmpref_fp32_gc": "ablation: cached, grouped, fp32 reference copy, gradient checkpointing",
     "mmpref_lora_amp": "(b) mmpref: cached, grouped, LoRA reference, bf16 autocast",
     "mmpref_bf16_amp": "(b) mmpref: cached, grouped, bf16 reference copy, bf16 autocast",
 }
@@ -510,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             caches[preset] = run("cache", preset, "mmpref_bf16", assets_file, s, work)
             for variant in s.variants:
-                if variant == "mmpref_fp32" and preset not in s.ablation_presets:
+                if variant in ("mmpref_fp32", "mmpref_fp32_gc") and preset not in s.ablation_presets:
                     continue
                 try:
                     r = run("train", preset, variant, assets_file, s, work)
