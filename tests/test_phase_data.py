@@ -77,8 +77,11 @@ def test_dpo_after_sft_compares_against_the_sft_model(assets, tmp_path, ref_mode
     policy = result.policy.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-    if ref_mode == "copy":  # the frozen copy's weights are kept for resuming
+    if ref_mode == "copy":  # the frozen copy's weights are kept for resuming, and are the run's own files
         assert (Path(result.output_dir) / "reference" / "phase1-dpo.safetensors").is_file()
+        again = recipe(assets, tmp_path / "run", ref_mode, lora, overwrite=True, max_steps=1)
+        train(config_from_dict(again))  # overwrite removes what the first run wrote, reference/ included
+        assert not (Path(result.output_dir) / "reference").exists()
 
 
 def test_without_from_phase_start_the_reference_stays_the_starting_model(assets, tmp_path):

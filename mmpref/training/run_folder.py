@@ -29,7 +29,7 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 # What a run writes into its folder (removed by overwrite); reference_cache is a cache keyed by its contents: kept
 RUN_FILES = (RUN_FILE, CONFIG_FILE, "metrics.jsonl", "checkpoint-*", "final", ".final.*", "training_curves.png",
-             "mmpref", "rollouts")
+             "mmpref", "rollouts", "reference")
 CACHES = ("reference_cache",)
 # run.* keys that change how a run is driven or recorded, not what it computes
 SAFE_TO_CHANGE = frozenset({"run.output_dir", "run.log_every", "run.save_every", "run.keep_checkpoints",
