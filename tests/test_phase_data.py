@@ -182,3 +182,17 @@ def test_the_diffusion_adapter_refuses_phase_data_before_loading(tmp_path):
         "run": {"output_dir": str(tmp_path / "run")}})
     with pytest.raises(ConfigError, match=r"phases\.0\.data: the diffusion adapter trains every phase on the run's"):
         DiffusionAdapter(cfg)
+
+
+@pytest.mark.parametrize("ref_mode", ["copy", "lora"])
+def test_diffusion_dpo_after_sft_compares_against_the_sft_unet(tmp_path, ref_mode):
+    """The same on the Tango side (tiny recipe, LoRA on the UNet): the first DPO step's policy is its reference."""
+    from mmpref.config import load_config
+
+    overrides = [f"run.output_dir={tmp_path / 'run'}", "reference.from_phase_start=true", f"reference.mode={ref_mode}",
+                 "lora.enabled=true", "lora.r=4", "lora.alpha=8", "optim.lr=3e-2", "phases.0.epochs=null",
+                 "phases.0.max_steps=3", "phases.1.epochs=null", "phases.1.max_steps=2", "data.path=tiny:8:1"]
+    rows = logged(train(load_config("configs/tango2_dpo_tiny.yaml", overrides)))
+    assert [r["phase"] for r in rows] == ["sft"] * 3 + ["dpo"] * 2
+    assert rows[3]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # merged copy vs adapter: float round-off only
+    assert rows[3]["rewards/chosen"] == pytest.approx(0.0, abs=1e-2)  # beta 200 times an MSE difference of ~1e-6
