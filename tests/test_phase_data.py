@@ -196,3 +196,11 @@ def test_diffusion_dpo_after_sft_compares_against_the_sft_unet(tmp_path, ref_mod
     assert [r["phase"] for r in rows] == ["sft"] * 3 + ["dpo"] * 2
     assert rows[3]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # merged copy vs adapter: float round-off only
     assert rows[3]["rewards/chosen"] == pytest.approx(0.0, abs=1e-2)  # beta 200 times an MSE difference of ~1e-6
+
+
+def test_from_phase_start_without_any_reference_is_a_no_op(assets, tmp_path):
+    raw = recipe(assets, tmp_path / "run", ref_mode="copy", lora=False)
+    raw["phases"][1] = {"name": "sft_again", "loss": {"sft": 1.0}, "epochs": 1}  # no phase needs a reference
+    rows = logged(train(config_from_dict(raw)))
+    assert [r["phase"] for r in rows] == ["sft"] * 3 + ["sft_again"] * 2
+    assert not (tmp_path / "run" / "reference").exists()

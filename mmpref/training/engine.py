@@ -176,7 +176,8 @@ def _train(cfg: TrainConfig, folder: run_folder.FolderPlan) -> TrainResult:
             phase = phase_at(plan, step)
             if accelerator.is_main_process:
                 bar.write(f"phase {phase.name!r} ({phase.index + 1}/{len(plan)}): steps {phase.start}..{phase.end}")
-            if step == phase.start and phase.index > 0 and cfg.reference.from_phase_start:
+            if step == phase.start and phase.index > 0 and cfg.reference.from_phase_start \
+                    and adapter.ref_mode != "none":  # "none": no phase needs a reference
                 _reference_from_policy(accelerator, adapter, policy, optimizer, phase, out, run.seed)
         loss = objectives[phase.index].loss
         policy.train()
