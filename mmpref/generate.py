@@ -70,10 +70,10 @@ def _at_least(low: float, kind: type):
     return parse
 
 
-def _positive(text: str) -> float:
+def _positive(text: str, unit: str = "") -> float:
     value = _at_least(0, float)(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be > 0{unit}, got {text}")
     return value
 
 
@@ -85,10 +85,7 @@ def _probability(text: str) -> float:
 
 
 def _positive_seconds(text: str) -> float:
-    value = _at_least(0, float)(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
+    return _positive(text, " seconds")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
