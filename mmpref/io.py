@@ -60,8 +60,15 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists() and not replace:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not replace:
+        try:
+            os.replace(tmp, path)  # fails when a folder with files is already there
+        except OSError:
+            if not path.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            # another writer got there first (perhaps between any check of ours and this line): keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     old = path.with_name(f".{path.name}.old")
     if path.exists():
