@@ -5,7 +5,8 @@
     mmpref generate --model LLM_DIR --prompts-file prompts.txt --out DIR \\
         [--max-new-tokens 128] [--temperature 1.0] [--top-p 1.0] [--greedy] [--seed 0] [--num-samples 1]
 
-A :class:`TangoPipeline` folder (or ``preset:NAME``) gives audio: ``{index:05d}_{sample}_{slug}.wav`` per clip. A
+A :class:`TangoPipeline` or diffusers ``AudioLDM2Pipeline`` folder (or ``preset:NAME``) gives audio:
+``{index:05d}_{sample}_{slug}.wav`` per clip. A
 causal LM folder (any ``AutoModelForCausalLM`` saved with ``save_pretrained``, e.g. ``mmpref train``'s ``final/``)
 gives text. Either way ``generations.jsonl`` records each sample (prompt, file or completion, seed, settings).
 ``--out`` must be new or empty; ``--overwrite`` replaces an earlier generation there (only the files its
@@ -32,8 +33,9 @@ GENERATIONS = "generations.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmpref generate", description="Generate audio with a Tango pipeline.")
-    p.add_argument("--model", required=True, help="TangoPipeline folder, or preset:NAME (e.g. preset:tiny)")
+    p = argparse.ArgumentParser(prog="mmpref generate", description="Generate audio (Tango / AudioLDM 2) or text.")
+    p.add_argument("--model", required=True, help="TangoPipeline or AudioLDM2Pipeline folder, or preset:NAME "
+                   "(e.g. preset:tiny, preset:audioldm2-tiny)")
     p.add_argument("--tokenizer", help="audio: a local FLAN-T5 tokenizer folder, replacing (or supplying) the "
                                        "pipeline's")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -144,19 +146,18 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def load_pipeline(model: str, dtype: torch.dtype | None = None, tokenizer: str | None = None):
-    from mmpref.models.tango import TangoPipeline
-    from mmpref.models.tango.presets import PRESETS
+    from mmpref.models.pipelines import pipeline_from_preset, pipeline_from_pretrained, preset_names
 
     if model.startswith("preset:"):
         name = model.split(":", 1)[1]
-        if name not in PRESETS:
-            raise DataError(f"--model: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return TangoPipeline.from_preset(name, tokenizer=tokenizer)
-    check_source(model, "--model", "a TangoPipeline folder (or preset:NAME)")
+        if name not in preset_names():
+            raise DataError(f"--model: unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+        return pipeline_from_preset(name, tokenizer=tokenizer)
+    check_source(model, "--model", "a TangoPipeline / AudioLDM2Pipeline folder (or preset:NAME)")
     if tokenizer is not None:
         check_source(tokenizer, "--tokenizer", "a tokenizer folder")
-    with loading("--model", model, "a TangoPipeline folder"):
-        return TangoPipeline.from_pretrained(model, torch_dtype=dtype, tokenizer=tokenizer)
+    with loading("--model", model, "a TangoPipeline / AudioLDM2Pipeline folder"):
+        return pipeline_from_pretrained(model, torch_dtype=dtype, tokenizer=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,9 +71,10 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's attention proj
 class DiffusionModelConfig:
     """The ``model:`` section of a diffusion run.
 
-    pipeline: a :class:`TangoPipeline` folder, or a preset (``tiny``, ``tango``: random weights, for tests and
-        benchmarks). ``tokenizer``: a local FLAN-T5 tokenizer folder; for the ``tango`` preset, and for a pipeline
-        folder it replaces the folder's tokenizer (or supplies one a folder lacks).
+    pipeline: a :class:`TangoPipeline` or diffusers ``AudioLDM2Pipeline`` folder, or a preset (``tiny``, ``tango``,
+        ``audioldm2-tiny``: random weights, for tests and benchmarks). ``tokenizer``: a local FLAN-T5 tokenizer
+        folder; for the ``tango`` preset, and for a Tango folder it replaces the folder's tokenizer (or supplies one
+        a folder lacks). AudioLDM 2 folders ship their own tokenizers.
     prediction_type: override the scheduler's (``epsilon`` | ``v_prediction``; Tango: v_prediction).
     weighting: ``w(t)`` in ``lp = -1/2 w(t) mse``: ``none`` (w = 1, Tango 2), ``epsilon`` (the epsilon-MSE
         equivalent: ``alpha_bar(t)`` for v-prediction, since ``||eps - eps^||^2 = alpha_bar ||v - v^||^2``; 1 for
@@ -283,6 +284,10 @@ class DiffusionAdapter(Adapter):
         if lcfg.enabled:
             from peft import LoraConfig
 
+            if not hasattr(unet, "add_adapter"):
+                raise ConfigError(f"lora.enabled: diffusers' {type(unet).__name__} has no PEFT adapter support; "
+                                  "train this pipeline's UNet in full (lora.enabled=false)")
+
             unet.requires_grad_(False)  # only the adapter trains
             unet.add_adapter(LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                         target_modules=lcfg.target_modules or LORA_TARGETS))
@@ -404,6 +409,7 @@ class DiffusionAdapter(Adapter):
             dict(self.pipe.vae.config),
             module_fingerprint(self.pipe.text_encoder),
             _tokenizer_signature(self.pipe.tokenizer),
+            *([_tokenizer_signature(self.pipe.clap_tokenizer)] if hasattr(self.pipe, "clap_tokenizer") else []),
             "tango-normalize-v1",  # the wave preprocessing (prepare_wave)
             "digests-v1",  # the cache records each clip's audio digest
         ]
@@ -537,9 +543,9 @@ class DiffusionAdapter(Adapter):
             pol = _mse(policy, *inputs).view(b, n)
         return pol, ref
 
-    def unet_inputs(self, batch: dict, cols: list[int], draws: dict) -> tuple[Tensor, ...]:
-        """``(noisy latents, t, text hidden, text mask, target)`` for the members ``cols`` of every group, flattened
-        to ``B * len(cols)`` rows: what the policy and the reference denoise (``_mse(model, *inputs)``)."""
+    def unet_inputs(self, batch: dict, cols: list[int], draws: dict) -> tuple[Tensor, Tensor, dict, Tensor]:
+        """``(noisy latents, t, the UNet's text keyword arguments, target)`` for the members ``cols`` of every group,
+        flattened to ``B * len(cols)`` rows: what the policy and the reference denoise (``_mse(model, *inputs)``)."""
         hidden, mask = self._condition(batch, draws["drop"])
         mean, std = self._posterior(batch, cols)
         n = mean.shape[1]
@@ -548,7 +554,8 @@ class DiffusionAdapter(Adapter):
         noise = draws["noise"].repeat_interleave(n, dim=0)
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
-        return noisy, t, hidden.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), target
+        cond = self.pipe.unet_condition(hidden.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0))
+        return noisy, t, cond, target
 
     @contextmanager
     def _reference(self):
@@ -674,12 +681,18 @@ class DiffusionAdapter(Adapter):
         return out
 
     def card_metadata(self) -> dict[str, Any]:
-        return {"base_model": self.mcfg.pipeline, "pipeline_tag": "text-to-audio", "tags": ["tango", "diffusion-dpo"],
+        meta = {"base_model": self.mcfg.pipeline, "pipeline_tag": "text-to-audio"}
+        if hasattr(self.pipe, "as_diffusers"):  # an AudioLDM 2 folder: diffusers loads it as it is
+            return {**meta, "tags": ["audioldm2", "diffusion-dpo"],
+                    "usage": "from diffusers import AudioLDM2Pipeline\n\npipe = AudioLDM2Pipeline.from_pretrained("
+                             "{repo})\naudio = pipe(\"a dog barks, then a car passes\").audios[0]"}
+        return {**meta, "tags": ["tango", "diffusion-dpo"],
                 "usage": "from mmpref import TangoPipeline\n\npipe = TangoPipeline.from_pretrained({repo})\n"
                          "audio = pipe([\"a dog barks, then a car passes\"])"}
 
     def save_pretrained(self, policy: nn.Module, path: str) -> None:
-        """The whole pipeline, usable as it is by ``mmpref generate`` and ``TangoPipeline.from_pretrained``. With
+        """The whole pipeline in its family's layout, usable as it is by ``mmpref generate`` (and
+        ``TangoPipeline.from_pretrained`` / diffusers' ``AudioLDM2Pipeline.from_pretrained``). With
         LoRA the adapter is fused into a copy of the UNet first (the trained policy keeps its adapter), and the
         adapter alone is also saved in ``unet_lora/`` (diffusers' ``save_lora_adapter``), to load onto the base."""
         path = Path(path)
@@ -697,16 +710,16 @@ class DiffusionAdapter(Adapter):
 
 # ---------------------------------------------------------------------------------------------- helpers
 def load_pipeline(mcfg: DiffusionModelConfig, path: str | None = None) -> Any:
-    from mmpref.models.tango import TangoPipeline
-    from mmpref.models.tango.presets import PRESETS
+    from mmpref.models.pipelines import pipeline_from_preset, pipeline_from_pretrained, preset_names
 
     source = path or mcfg.pipeline
-    if source in PRESETS:
-        return TangoPipeline.from_preset(source, seed=mcfg.preset_seed, tokenizer=mcfg.tokenizer)
+    if source in preset_names():
+        return pipeline_from_preset(source, seed=mcfg.preset_seed, tokenizer=mcfg.tokenizer)
     key = "reference.path" if path else "model.pipeline"
-    check_source(source, key, f"a TangoPipeline folder or a preset name ({', '.join(PRESETS)})")
-    with loading(key, source, "a TangoPipeline folder"):
-        return TangoPipeline.from_pretrained(source, tokenizer=mcfg.tokenizer)
+    check_source(source, key, f"a TangoPipeline / AudioLDM2Pipeline folder or a preset name "
+                              f"({', '.join(preset_names())})")
+    with loading(key, source, "a TangoPipeline / AudioLDM2Pipeline folder"):
+        return pipeline_from_pretrained(source, tokenizer=mcfg.tokenizer)
 
 
 def _training_scheduler(scheduler: Any, prediction_type: str | None) -> Any:
@@ -720,10 +733,11 @@ def _training_scheduler(scheduler: Any, prediction_type: str | None) -> Any:
     return sched
 
 
-def _mse(model: nn.Module, noisy: Tensor, t: Tensor, hidden: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+def _mse(model: nn.Module, noisy: Tensor, t: Tensor, cond: dict[str, Tensor], target: Tensor) -> Tensor:
     """Mean over latent elements of ``(target - model(x_t, t, c))^2`` per member, in float32."""
     dtype = next(model.parameters()).dtype
-    pred = model(noisy.to(dtype), t, encoder_hidden_states=hidden.to(dtype), encoder_attention_mask=mask).sample
+    cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+    pred = model(noisy.to(dtype), t, **cond).sample
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 

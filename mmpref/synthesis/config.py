@@ -79,7 +79,7 @@ class ScorerConfig:
 class SynthConfig:
     captions: str  # text file (one caption per line) or jsonl with a "caption" field
     output_dir: str = "runs/synth"
-    pipeline: str = "preset:tiny"  # TangoPipeline folder or preset:<name>
+    pipeline: str = "preset:tiny"  # TangoPipeline / AudioLDM2Pipeline folder, or preset:<name>
     tokenizer: str | None = None  # local FLAN-T5 tokenizer: for preset:tango, or replacing a pipeline folder's
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))

@@ -184,11 +184,11 @@ class _Models:
 
 
 def load_pipeline(cfg: SynthConfig):
-    from mmpref.models.tango import TangoPipeline
+    from mmpref.models.pipelines import pipeline_from_preset, pipeline_from_pretrained
 
     if cfg.pipeline.startswith("preset:"):
-        return TangoPipeline.from_preset(cfg.pipeline.split(":", 1)[1], tokenizer=cfg.tokenizer)
-    return TangoPipeline.from_pretrained(cfg.pipeline, tokenizer=cfg.tokenizer)
+        return pipeline_from_preset(cfg.pipeline.split(":", 1)[1], tokenizer=cfg.tokenizer)
+    return pipeline_from_pretrained(cfg.pipeline, tokenizer=cfg.tokenizer)
 
 
 def load_scorers(cfg: SynthConfig, device) -> dict:
@@ -343,7 +343,7 @@ def _run_synthesis(cfg: SynthConfig, out: Path, pipeline, scorers, perturber) ->
 def _check_sources(cfg: SynthConfig, pipeline, scorers) -> None:
     """Every path the run will load exists, before any audio is generated."""
     if pipeline is None and not cfg.pipeline.startswith("preset:"):
-        check_source(cfg.pipeline, "pipeline", "a TangoPipeline folder or preset:NAME")
+        check_source(cfg.pipeline, "pipeline", "a TangoPipeline / AudioLDM2Pipeline folder or preset:NAME")
     if scorers is None:
         for name, sc in cfg.scorers.items():
             if not sc.path.startswith("preset:"):

@@ -202,6 +202,10 @@ class TangoPipeline:
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden, mask
 
+    def unet_condition(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`encode_text`'s output as the UNet's keyword arguments (one family may pack several streams)."""
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+
     @torch.no_grad()
     def encode_mel(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE posterior ``(mean, std)`` of a log-mel ``(B, frames, n_mels)``, both times ``scaling_factor``.
@@ -337,7 +341,7 @@ class TangoPipeline:
         for t in self.scheduler.timesteps:
             x = torch.cat([latents] * 2) if cfg else latents
             x = self.scheduler.scale_model_input(x, t)
-            pred = self.unet(x, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+            pred = self.unet(x, t, **self.unet_condition(hidden, mask)).sample
             if cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)

@@ -41,7 +41,8 @@ is are being gets goes comes starts stops begins ends then there here outside in
 """.split()
 
 
-def _corpus() -> list[str]:
+def caption_corpus() -> list[str]:
+    """The training text of the tiny tokenizers (AudioLDM 2's tiny preset trains on it too)."""
     # each word several times so merges form whole words; a few phrases teach common pairs
     return [" ".join(_WORDS)] * 4 + [f"a {w} is heard" for w in _WORDS]
 
@@ -57,7 +58,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 64) -> 
         initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(caption_corpus(), trainer=trainer)
     eos = tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)]
