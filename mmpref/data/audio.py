@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmpref.audio import AudioFileError, load_audio, resample
+from mmpref.data.stream import streamed_copy
 from mmpref.data.tables import HubOptions, Table, load_table
 from mmpref.errors import DataError, MmprefError
 from mmpref.io import atomic_dir, cache_root
@@ -54,6 +55,9 @@ class AudioPreferenceDataConfig:
         length (all of them are reported with their paths); True drops the groups that use them.
     cache_dir: where latents and text encodings are cached; default ``$MMPREF_CACHE_DIR`` (or
         ``~/.cache/mmpref``) ``/diffusion/<hash of the data source>``.
+    streaming: read the source row by row (datasets' streaming mode) into a copy under the cache root instead of
+        downloading and converting it first: for sets too large to hold twice (:mod:`mmpref.data.stream`). With
+        ``max_groups``, at most that many rows are read.
     """
 
     path: str = "tiny:16"
@@ -71,6 +75,7 @@ class AudioPreferenceDataConfig:
     length_tolerance_s: float | None = 0.5
     silence_threshold: float = 1e-4  # peak |x| at or below this counts as silent
     cache_dir: str | None = None
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         check(self.schema in SCHEMAS, "schema", f"must be one of {list(SCHEMAS)}, got {self.schema!r}")
@@ -246,11 +251,14 @@ def _fix_group_size(groups: list[tuple[int, list[int]]], k: int | None,
 def _load_table(cfg: AudioPreferenceDataConfig) -> tuple[Table, Path | None, str]:
     """(the table with audio undecoded, the audio root, a fingerprint of the source)."""
     src = cfg.path
+    hub = HubOptions(cfg.subset, cfg.revision, cfg.data_dir)
     if src.startswith("tiny:"):
         src = str(_tiny_source(src))
+    elif cfg.streaming:  # a local copy, made row by row; read below like any JSONL file
+        src = str(streamed_copy(src, cfg.split, hub, cfg.audio_root, cfg.max_groups))
+        hub = HubOptions()
     what = "a JSON/JSONL/Parquet/CSV file, a dataset folder, a hub id or tiny:N[:K]"
-    source = load_table(src, cfg.split, key="data.path", what=what,
-                        hub=HubOptions(cfg.subset, cfg.revision, cfg.data_dir))
+    source = load_table(src, cfg.split, key="data.path", what=what, hub=hub)
     path = Path(src)
     if source.file is not None:
         source_fp, default_root = _file_hash(path), path.parent
@@ -260,7 +268,8 @@ def _load_table(cfg: AudioPreferenceDataConfig) -> tuple[Table, Path | None, str
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in source.data.column_names]
     if missing:
         raise DataError(f"data.path {cfg.path!r}: missing column(s) {missing}; found {source.data.column_names}")
-    root = Path(cfg.audio_root) if cfg.audio_root else default_root
+    # a streamed copy's paths are relative to the copy, or already absolute (audio_root was applied when copying)
+    root = Path(cfg.audio_root) if cfg.audio_root and not cfg.streaming else default_root
     return source, root, source_fp
 
 
