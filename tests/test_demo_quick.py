@@ -91,6 +91,31 @@ def test_order_accuracy_ignores_single_event_captions_and_deltas_are_paired():
     assert s["delta"]["event_recall"]["mean"] == pytest.approx(1 / 3)
 
 
+def test_every_arm_is_compared_with_base_control_and_earlier_arms_and_the_target_needs_both():
+    from mmpref.demo.report import comparisons, meets_target
+
+    assert comparisons(["base", "aligned"]) == [("aligned", "base")]
+    assert comparisons(["base", "aligned", "sft_more", "online"]) == [
+        ("aligned", "base"), ("aligned", "sft_more"), ("online", "base"), ("online", "sft_more"),
+        ("online", "aligned")]
+
+    def row(recall, precision):
+        return {"order_correct": 0.0, "event_recall": recall, "event_precision": precision, "exact_match": 0.0,
+                "clap": 0.1, "events": 2}
+
+    n = 40  # captions; the online arm recalls more on every one, the control a little more than base
+    rows = {"base": [row(0.4, 0.8)] * n, "sft_more": [row(0.45, 0.8)] * n, "aligned": [row(0.4, 0.8)] * n,
+            "online": [row(0.7, 0.8)] * n}
+    s = summarise_eval(rows, 1, 200, 0)
+    assert s["differences"]["online-sft_more"]["event_recall"]["mean"] == pytest.approx(0.25)
+    assert s["delta"] is s["differences"]["aligned-base"]
+    assert meets_target(s, "online") and not meets_target(s, "aligned")
+    rows["online"] = [row(0.7, 0.5)] * n  # the same recall bought with precision: not the target
+    assert not meets_target(summarise_eval(rows, 1, 200, 0), "online")
+    del rows["sft_more"]  # without the control the bar cannot be met
+    assert not meets_target(summarise_eval(rows, 1, 200, 0), "online")
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     from mmpref.demo.main import main
@@ -98,12 +123,18 @@ def test_quick_demo_end_to_end(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     for name in ("report.md", "report.json", "plots/training_curves.png", "plots/before_after.png",
                  "plots/clap_hist.png", "seed0/eval/wav/base/00.wav", "seed0/eval/wav/aligned/00.wav",
-                 "seed0/dpo/config.yaml", "seed0/synth/grouped.jsonl"):
+                 "seed0/eval/wav/online/00.wav", "seed0/eval/wav/sft_more/00.wav", "seed0/online/config.yaml",
+                 "plots/online_rounds.png",
+                 "seed0/sft_more/config.yaml", "seed0/dpo/config.yaml", "seed0/synth/grouped.jsonl"):
         assert (tmp_path / name).is_file(), name
     report = json.loads((tmp_path / "report.json").read_text())
     ev = report["seeds"]["0"]["eval"]
+    assert sorted(ev["differences"]) == sorted(["aligned-base", "aligned-sft_more", "online-base",
+                                                "online-sft_more", "online-aligned"])
+    rounds = report["seeds"]["0"]["online_rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["groups"] == 4 for r in rounds)
     samples = json.loads((tmp_path / "seed0" / "eval" / "samples.json").read_text())
-    for model in ("base", "aligned"):
+    for model in ("base", "aligned", "online", "sft_more"):
         for metric, ci in ev["models"][model].items():
             assert all(math.isfinite(ci[k]) for k in ("mean", "lo", "hi")), (model, metric)
             assert ci["lo"] - 1e-9 <= ci["mean"] <= ci["hi"] + 1e-9

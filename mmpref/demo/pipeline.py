@@ -16,6 +16,7 @@ Folder layout of one run (``<out>/seed<S>/``)::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -323,42 +324,48 @@ def load_demo_pipeline(path: str | Path):
     return pipe
 
 
+def synthesise(cfg: DemoConfig, run: Path, seed: int, pipeline_dir: str, captions: Path, out: Path) -> dict:
+    """``mmpref synth`` with the demo's settings: ``captions`` sampled from ``pipeline_dir``, perturbed, ranked by
+    the demo's CLAP, into ``out``; returns the grouped file, group count and strategies."""
+    from mmpref.demo.world import EVENT_NAMES, event_phrase
+    from mmpref.scoring.clap import ClapScorer
+    from mmpref.synthesis.run import load_synth_config, run_synthesis
+
+    s = cfg.synth
+    raw = {
+        "captions": str(captions),
+        "output_dir": str(out),
+        "pipeline": pipeline_dir,
+        "generation": {"steps": cfg.generation.steps, "guidance_scale": cfg.generation.guidance_scale,
+                       "duration_s": cfg.duration_s, "batch_size": 16, "seed": seed,
+                       "samples_per_caption": s.samples_per_caption, "shared_noise": s.shared_noise},
+        "strategies": list(s.strategies),
+        # one category: a replacement is another world event (its canonical phrase)
+        "perturb": {"vocabulary": {"world": [event_phrase(e) for e in EVENT_NAMES]},
+                    "max_perturbations": s.max_perturbations,
+                    "seed": seed},
+        "scorers": {"clap": {"path": str(run / "clap")}},
+        "losers_per_prompt": s.losers_per_prompt,
+        "audio_format": "wav",
+    }
+    path = out.with_name(out.name + ".yaml")
+    write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))
+    synth_cfg = load_synth_config(path, [])
+    result = run_synthesis(synth_cfg, pipeline=load_demo_pipeline(pipeline_dir),
+                           scorers={"clap": ClapScorer(str(run / "clap"))})
+    rows = read_jsonl(Path(result.grouped_jsonl))
+    strategies: dict[str, int] = {}
+    for r in rows:
+        strategies[str(r.get("strategy"))] = strategies.get(str(r.get("strategy")), 0) + 1
+    return {"grouped_jsonl": str(result.grouped_jsonl), "groups": len(rows), "strategies": strategies,
+            "report": result.report}
+
+
 def synth_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
     def make() -> dict:
-        from mmpref.demo.world import EVENT_NAMES, event_phrase
-        from mmpref.scoring.clap import ClapScorer
-        from mmpref.synthesis.run import load_synth_config, run_synthesis
-
-        s = cfg.synth
-        raw = {
-            "captions": str(run / "captions" / "pref.txt"),
-            "output_dir": str(run / "synth"),
-            "pipeline": base_dir,
-            "generation": {"steps": cfg.generation.steps, "guidance_scale": cfg.generation.guidance_scale,
-                           "duration_s": cfg.duration_s, "batch_size": 16, "seed": seed,
-                           "samples_per_caption": s.samples_per_caption, "shared_noise": s.shared_noise},
-            "strategies": list(s.strategies),
-            # one category: a replacement is another world event (its canonical phrase)
-            "perturb": {"vocabulary": {"world": [event_phrase(e) for e in EVENT_NAMES]},
-                        "max_perturbations": s.max_perturbations,
-                        "seed": seed},
-            "scorers": {"clap": {"path": str(run / "clap")}},
-            "losers_per_prompt": s.losers_per_prompt,
-            "audio_format": "wav",
-        }
-        path = run / "synth.yaml"
-        write_text_atomic(path, yaml.safe_dump(raw, sort_keys=False))
-        synth_cfg = load_synth_config(path, [])
-        result = run_synthesis(synth_cfg, pipeline=load_demo_pipeline(base_dir),
-                               scorers={"clap": ClapScorer(str(run / "clap"))})
-        rows = read_jsonl(Path(result.grouped_jsonl))
-        strategies: dict[str, int] = {}
-        for r in rows:
-            strategies[str(r.get("strategy"))] = strategies.get(str(r.get("strategy")), 0) + 1
-        return {"grouped_jsonl": str(result.grouped_jsonl), "groups": len(rows), "strategies": strategies,
-                "report": result.report,
-                "line": f"{len(rows)} preference groups (1 winner + {s.losers_per_prompt} losers) from "
-                        f"{cfg.corpus.n_pref_prompts} captions; strategies {strategies}"}
+        out = synthesise(cfg, run, seed, base_dir, run / "captions" / "pref.txt", run / "synth")
+        return {**out, "line": f"{out['groups']} preference groups (1 winner + {cfg.synth.losers_per_prompt} losers) "
+                               f"from {cfg.corpus.n_pref_prompts} captions; strategies {out['strategies']}"}
 
     return run_stage(run, "3-synth", make, settings=stage_settings(cfg, "3-synth"))
 
@@ -382,9 +389,7 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
                      "duration_s": cfg.duration_s, "cache_dir": str(run / "cache" / "dpo"), "skip_invalid": True},
             "loss": loss,
             "reference": {"mode": "copy"},
-            "optim": {"lr": a.lr, "scheduler": "constant", "warmup_steps": min(10, a.steps // 10)},
-            "run": {"output_dir": str(run / "dpo"), "batch_size": a.batch_size, "max_steps": a.steps,
-                      "seed": seed, "log_every": 5, "save_every": max(25, a.steps // 4), "cpu": True},
+            **_optim_and_run(run, seed, "dpo", a.lr, a.steps, a.batch_size),
         }
         result = _train_from_dict(raw, run / "dpo.yaml")
         m = read_jsonl(Path(result.metrics_file))
@@ -396,6 +401,134 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
                         f"{np.mean(acc[-4:]) if acc else float('nan'):.2f}"}
 
     return run_stage(run, "4-align", fit, settings=stage_settings(cfg, "4-align"))
+
+
+def _optim_and_run(run: Path, seed: int, name: str, lr: float, steps: int, batch_size: int) -> dict:
+    """The optimizer and run sections every alignment arm shares (so they differ only in data and loss)."""
+    return {"optim": {"lr": lr, "scheduler": "constant", "warmup_steps": min(10, steps // 10)},
+            "run": {"output_dir": str(run / name), "batch_size": batch_size, "max_steps": steps, "seed": seed,
+                    "log_every": 5, "save_every": max(25, steps // 4), "cpu": True}}
+
+
+def sft_more_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_jsonl: str) -> dict:
+    """The control arm: the base trained further with the plain denoising loss on the synth's winners, with the
+    offline alignment's steps, batch and optimizer: what more training alone buys."""
+    a = cfg.align
+
+    def fit() -> dict:
+        raw = {
+            "modality": "diffusion",
+            "model": {"pipeline": base_dir, "cfg_dropout": cfg.cfg_dropout},
+            "data": {"path": grouped_jsonl, "schema": "grouped", "num_losers": 0, "duration_s": cfg.duration_s,
+                     "cache_dir": str(run / "cache" / "sft_more"), "skip_invalid": True},
+            "loss": {"sft": 1.0},
+            "reference": {"mode": "none"},
+            **_optim_and_run(run, seed, "sft_more", a.lr, a.steps, a.batch_size),
+        }
+        result = _train_from_dict(raw, run / "sft_more.yaml")
+        loss = _metric_series(Path(result.metrics_file), "loss")
+        return {"final_dir": result.final_dir,
+                "line": f"SFT-more control: {result.step} sft steps on the winners, loss {loss[0]:.3f} -> "
+                        f"{np.mean(loss[-4:]):.3f}"}
+
+    return run_stage(run, "4b-sft_more", fit, settings=stage_settings(cfg, "4b-sft_more"))
+
+
+def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
+    """The online arm (see :class:`~mmpref.demo.stages.OnlineArmConfig`), through ``mmpref train``'s online
+    rounds: the policy's own samples of the preference captions, ranked by the demo's CLAP."""
+    o = cfg.online
+    if o.losers_from == "perturbed":
+        return _perturbed_rounds(cfg, run, seed, base_dir)
+
+    def fit() -> dict:
+        raw = {
+            "modality": "diffusion",
+            "model": {"pipeline": base_dir, "cfg_dropout": cfg.cfg_dropout},
+            "data": {"duration_s": cfg.duration_s},
+            "loss": {"dpo": {"beta": o.beta}},
+            "reference": {"mode": "copy"},
+            "online": {"prompts": str(run / "captions" / "pref.txt"), "schedule": "round", "samples": o.samples,
+                       "builder": "best_vs_k", "losers": o.losers,
+                       "judge": {"kind": "clap", "path": str(run / "clap")},
+                       "generation": {"steps": cfg.generation.steps, "guidance_scale": cfg.generation.guidance_scale},
+                       "rounds": o.rounds, "prompts_per_round": o.prompts_per_round,
+                       "epochs_per_round": o.epochs_per_round, "update_reference": o.update_reference},
+            **_optim_and_run(run, seed, "online", o.lr, 10**9, o.batch_size),  # the rounds set the length
+        }
+        raw["run"].pop("max_steps")
+        result = _train_from_dict(raw, run / "online.yaml")
+        rounds = _per_round(run / "online" / "rollouts")
+        return {"final_dir": result.final_dir, "rounds": rounds,
+                "line": f"online diffusion-DPO (beta {o.beta:g}): {o.rounds} rounds x {o.prompts_per_round} captions x "
+                        f"{o.samples} samples, {result.step} steps; CLAP reward of the policy's samples by round "
+                        + " -> ".join(f"{r['reward_mean']:.3f}" for r in rounds)}
+
+    return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"))
+
+
+def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
+    """The online arm with perturbed-caption losers: round k runs the synth on the current policy for its own slice
+    of the preference captions, then DPO from that policy (the reference: the same policy) for ``epochs_per_round``
+    epochs of the round's groups; the result samples the next round. Each round is a stage of its own (resumable)."""
+    o = cfg.online
+    folder = run / "online"
+
+    def fit() -> dict:
+        captions = (run / "captions" / "pref.txt").read_text().splitlines()
+        policy, rounds, steps = base_dir, [], 0
+        for k in range(o.rounds):
+            def one_round(k=k, policy=policy) -> dict:
+                chunk = captions[k * o.prompts_per_round:(k + 1) * o.prompts_per_round]
+                if not chunk:
+                    raise ValueError(f"online: round {k} has no captions left (corpus.n_pref_prompts="
+                                     f"{len(captions)} < rounds x prompts_per_round); lower online.rounds")
+                write_text_atomic(folder / f"round-{k}.txt", "".join(c + "\n" for c in chunk))
+                made = synthesise(cfg, run, seed + 1000 * (k + 1), policy, folder / f"round-{k}.txt",
+                                  folder / f"synth-{k}")
+                groups = made["groups"]
+                n_steps = max(1, o.epochs_per_round * math.ceil(groups / o.batch_size))
+                raw = {
+                    "modality": "diffusion",
+                    "model": {"pipeline": policy, "cfg_dropout": cfg.cfg_dropout},
+                    "data": {"path": made["grouped_jsonl"], "schema": "grouped",
+                             "num_losers": cfg.synth.losers_per_prompt, "duration_s": cfg.duration_s,
+                             "cache_dir": str(run / "cache" / f"online-{k}"), "skip_invalid": True},
+                    "loss": {"dpo": {"beta": o.beta}},
+                    "reference": {"mode": "copy"},
+                    **_optim_and_run(folder, seed + k, f"dpo-{k}", o.lr, n_steps, o.batch_size),
+                }
+                result = _train_from_dict(raw, folder / f"dpo-{k}.yaml")
+                rows = read_jsonl(Path(made["grouped_jsonl"]))
+                winners = [r["chosen_scores"]["clap"] for r in rows]
+                losers = [x["clap"] for r in rows for x in r["rejected_scores"]]
+                return {"final_dir": result.final_dir, "groups": groups, "steps": result.step,
+                        "winner_mean": float(np.mean(winners)) if winners else float("nan"),
+                        "reward_mean": float(np.mean(winners + losers)) if winners else float("nan"),
+                        "line": f"online round {k}: {groups} groups from {len(chunk)} captions, {result.step} steps"}
+
+            done = run_stage(folder, f"round-{k}", one_round)
+            policy, steps = done["final_dir"], steps + done["steps"]
+            rounds.append({"round": k, "groups": done["groups"], "winner_mean": done["winner_mean"],
+                           "reward_mean": done["reward_mean"]})
+        return {"final_dir": policy, "rounds": rounds,
+                "line": f"online diffusion-DPO, perturbed-caption losers (beta {o.beta:g}): {o.rounds} rounds of "
+                        f"{o.prompts_per_round} captions, {steps} steps; groups per round "
+                        + ", ".join(str(r["groups"]) for r in rounds)}
+
+    return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"))
+
+
+def _per_round(rollouts: Path) -> list[dict]:
+    """Each round's mean CLAP reward of the policy's samples and of its winners (from the round's records; each
+    round draws other captions)."""
+    out = []
+    for k, folder in enumerate(sorted(rollouts.glob("round-*"))):
+        recs = read_jsonl(folder / "records.jsonl")
+        winners = [rec["rewards"][g[0][0]] for rec in recs for g in rec["groups"]]
+        out.append({"round": k, "reward_mean": float(np.mean([x for rec in recs for x in rec["rewards"]])),
+                    "winner_mean": float(np.mean(winners)) if winners else float("nan"), "groups": len(winners)})
+    return out
 
 
 def _train_from_dict(raw: dict, config_path: Path):
@@ -465,7 +598,8 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
     # the validation evaluation has its own folder and marker: tuning never overwrites the held-out result
     folder = eval_folder(cfg.eval.split)
     name = "5-eval" if cfg.eval.split == "heldout" else f"5-eval-{cfg.eval.split}"
-    return run_stage(run, name, evaluate, settings=stage_settings(cfg, name))
+    # a changed model set or recipe re-runs the evaluation in a clean folder (it holds nothing else)
+    return run_stage(run, name, evaluate, settings=stage_settings(cfg, name), stage_dir=run / folder)
 
 
 def _eval_line(summary: dict) -> str:
@@ -475,6 +609,11 @@ def _eval_line(summary: dict) -> str:
                    summary["delta"][metric])
         parts.append(f"{metric} {b['mean']:.3f} -> {a['mean']:.3f} (delta {d['mean']:+.3f} "
                      f"[{d['lo']:+.3f}, {d['hi']:+.3f}])")
+    for name, diff in summary.get("differences", {}).items():
+        if name != "aligned-base":
+            parts.append(f"{name}: " + ", ".join(
+                f"{m} {diff[m]['mean']:+.3f}{'*' if diff[m]['significant'] else ''}"
+                for m in ("event_recall", "event_precision", "order_accuracy")))
     return "; ".join(parts)
 
 
@@ -495,9 +634,15 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
     base = stages["unet"]["final_dir"]
     stages["synth"] = synth_stage(cfg, run, seed, base)
     stages["align"] = align_stage(cfg, run, seed, base, stages["synth"]["grouped_jsonl"])
+    models = {"base": base, "aligned": stages["align"]["final_dir"]}
+    if cfg.sft_more:
+        stages["sft_more"] = sft_more_stage(cfg, run, seed, base, stages["synth"]["grouped_jsonl"])
+        models["sft_more"] = stages["sft_more"]["final_dir"]
+    if cfg.online.enabled:
+        stages["online"] = online_stage(cfg, run, seed, base)
+        models["online"] = stages["online"]["final_dir"]
     stages["judge"] = judge_stage(cfg, out)  # the measuring instrument: needed from here on only
-    stages["eval"] = eval_stage(cfg, run, seed, out / "judge" / "judge.pt",
-                                {"base": base, "aligned": stages["align"]["final_dir"]})
+    stages["eval"] = eval_stage(cfg, run, seed, out / "judge" / "judge.pt", models)
     return stages
 
 

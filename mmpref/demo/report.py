@@ -28,16 +28,30 @@ def per_caption(rows: list[dict], samples_per_caption: int, metric: str) -> np.n
     return vals
 
 
+# the models an evaluation may hold: the base, the control (more SFT), and the arms trained on preferences
+MODEL_TITLES = {"base": "base", "sft_more": "SFT-more", "aligned": "aligned", "online": "online"}
+ARMS = ("aligned", "online")
+
+
+def comparisons(names: list[str]) -> list[tuple[str, str]]:
+    """(arm, other) pairs to difference: each arm against the base, the control, and the arms before it."""
+    refs = [n for n in ("base", "sft_more", *ARMS) if n in names]
+    return [(arm, ref) for arm in ARMS if arm in names for ref in refs[:refs.index(arm)]]
+
+
 def summarise_eval(rows: dict[str, list[dict]], samples_per_caption: int, n_boot: int, seed: int) -> dict:
-    """Per model: mean and 95% CI of each metric over held-out captions; ``delta``: the paired difference
-    aligned - base (both models see the same captions and the same initial noise), with its CI."""
-    out: dict[str, Any] = {"models": {}, "delta": {}, "captions": len(rows["base"]) // samples_per_caption,
+    """Per model: mean and 95% CI of each metric over the captions; ``differences["A-B"]``: the paired difference
+    A - B (the models see the same captions and the same initial noise) with its CI, for every arm against the base,
+    the SFT-more control and the arms before it (:func:`comparisons`); ``delta`` is ``differences["aligned-base"]``."""
+    out: dict[str, Any] = {"models": {}, "differences": {}, "captions": len(rows["base"]) // samples_per_caption,
                            "samples_per_caption": samples_per_caption}
     per = {name: {m: per_caption(r, samples_per_caption, m) for m in METRICS} for name, r in rows.items()}
     for name in rows:
         out["models"][name] = {m: bootstrap_ci(v, n_boot, seed) for m, v in per[name].items()}
-    for m in METRICS:
-        out["delta"][m] = paired_difference(per["aligned"][m], per["base"][m], n_boot, seed + 1)
+    for arm, ref in comparisons(list(rows)):
+        out["differences"][f"{arm}-{ref}"] = {m: paired_difference(per[arm][m], per[ref][m], n_boot, seed + 1)
+                                              for m in METRICS}
+    out["delta"] = out["differences"]["aligned-base"]
     return out
 
 
@@ -73,28 +87,52 @@ def plot_training_curves(metrics_file: Path, path: Path) -> Path:
 
 
 def plot_before_after(summary: dict, path: Path) -> Path:
-    """Left: base vs aligned per judge metric, each with its 95% bootstrap interval. Right: aligned - base with the
+    """Left: every model per judge metric, each with its 95% bootstrap interval. Right: each arm - base with the
     paired interval, the one the verdict uses (the two models' own intervals overlap even when it excludes 0)."""
     plt = _plt()
     metrics = METRICS[:4]
     fig, (ax, dax) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(metrics))
     labels = [m.replace("_", " ") for m in metrics]
-    for i, name in enumerate(("base", "aligned")):
+    names = [n for n in MODEL_TITLES if n in summary["models"]]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
         mean, err = _mean_and_err([summary["models"][name][m] for m in metrics])
-        ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=4, label=name)
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=MODEL_TITLES[name])
     ax.set_xticks(x, labels)
     ax.set_ylim(0, 1)
     split = "validation" if summary.get("split") == "val" else "held-out"
     ax.set_ylabel(f"judge score on {split} captions")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    mean, err = _mean_and_err([summary["delta"][m] for m in metrics])
-    dax.errorbar(x, mean, yerr=err, fmt="o", color="tab:orange", capsize=4)
+    arms = [a for a in ARMS if f"{a}-base" in summary.get("differences", {"aligned-base": 0})]
+    for i, arm in enumerate(arms):
+        diff = summary.get("differences", {}).get(f"{arm}-base", summary["delta"])
+        mean, err = _mean_and_err([diff[m] for m in metrics])
+        dax.errorbar(x + (i - (len(arms) - 1) / 2) * 0.2, mean, yerr=err, fmt="o", capsize=4,
+                     label=MODEL_TITLES[arm])
     dax.axhline(0, color="black", lw=0.8)
     dax.set_xticks(x, labels, fontsize=8)
-    dax.set_title("aligned - base, paired 95% CI", fontsize=10)
+    dax.set_title("arm - base, paired 95% CI", fontsize=10)
+    if len(arms) > 1:
+        dax.legend(fontsize=8)
     dax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_online_rounds(rounds: list[dict], path: Path) -> Path:
+    """The online arm's CLAP reward by round: all of the round's samples, and its winners."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    x = [r["round"] for r in rounds]
+    ax.plot(x, [r["reward_mean"] for r in rounds], marker="o", label="all samples")
+    ax.plot(x, [r["winner_mean"] for r in rounds], marker="s", label="winners")
+    ax.set_xlabel("round (each on other captions)")
+    ax.set_ylabel("CLAP reward")
+    ax.set_xticks(x)
+    ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -143,16 +181,37 @@ def _dfmt(ci: dict) -> str:
 
 def verdict(evaluation: dict) -> str:
     """The demo's claim, checked: aligned beats base on order accuracy or event recall outside the 95% CI."""
-    wins = [m for m in ("order_accuracy", "event_recall")
-            if evaluation["delta"][m]["significant"] and evaluation["delta"][m]["mean"] > 0]
-    losses = [m for m in METRICS if evaluation["delta"][m]["significant"] and evaluation["delta"][m]["mean"] < 0]
+    return compare_verdict(evaluation["delta"], "aligned", "base")
+
+
+def compare_verdict(diff: dict, arm: str, ref: str) -> str:
+    """Whether ``arm`` beats ``ref`` on order accuracy or event recall outside the 95% CI, and where it is worse."""
+    a, r = MODEL_TITLES.get(arm, arm), MODEL_TITLES.get(ref, ref)
+    wins = [m for m in ("order_accuracy", "event_recall") if diff[m]["significant"] and diff[m]["mean"] > 0]
+    losses = [m for m in METRICS if diff[m]["significant"] and diff[m]["mean"] < 0]
     if wins:
-        text = f"aligned beats base on {', '.join(wins)} outside the 95% CI"
+        text = f"{a} beats {r} on {', '.join(wins)} outside the 95% CI"
     else:
-        text = "aligned does NOT beat base outside the 95% CI on order accuracy or event recall"
+        text = f"{a} does NOT beat {r} outside the 95% CI on order accuracy or event recall"
     if losses:
-        text += f"; aligned is significantly worse on {', '.join(losses)}"
+        text += f"; {a} is significantly worse on {', '.join(losses)}"
     return text
+
+
+def meets_target(evaluation: dict, arm: str) -> bool:
+    """The issue's bar for an arm on one seed: better than the base AND the SFT-more control outside the CI on
+    event recall or order accuracy, with precision not significantly worse than either."""
+    diffs = evaluation.get("differences", {})
+    refs = [f"{arm}-base", f"{arm}-sft_more"]
+    if not all(k in diffs for k in refs):
+        return False
+    for k in refs:
+        d = diffs[k]
+        if not any(d[m]["significant"] and d[m]["mean"] > 0 for m in ("event_recall", "order_accuracy")):
+            return False
+        if d["event_precision"]["significant"] and d["event_precision"]["mean"] < 0:
+            return False
+    return True
 
 
 def _folder(evaluation: dict) -> str:
@@ -170,11 +229,18 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
         "clap": plot_clap_hist(json.loads((run / _folder(first["eval"]) / "samples.json").read_text()),
                                out / "plots" / "clap_hist.png"),
     }
+    if first.get("online", {}).get("rounds"):
+        plots["online_rounds"] = plot_online_rounds(first["online"]["rounds"], out / "plots" / "online_rounds.png")
     report = {
         "mode": mode,
         "config": cfg_dict,
         "judge": {k: first["judge"][k] for k in ("clean", "griffinlim")},
         "seeds": {str(s): {"eval": r["eval"], "verdict": verdict(r["eval"]),
+                           "verdicts": {k: compare_verdict(d, *k.split("-", 1))
+                                        for k, d in r["eval"].get("differences", {}).items()},
+                           "target_met": {arm: meets_target(r["eval"], arm) for arm in ARMS
+                                          if arm in r["eval"]["models"]},
+                           "online_rounds": r.get("online", {}).get("rounds"),
                            "stages": {k: {"line": v.get("line", ""), "seconds": v.get("seconds")}
                                       for k, v in r.items()}}
                   for s, r in results.items()},
@@ -182,6 +248,9 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
         "plots": {k: str(v.relative_to(out)) for k, v in plots.items()},
     }
     report["claim"] = report["seeds"][str(seeds[0])]["verdict"]
+    # the issue's bar: an arm beats base and the control on at least 2 of 3 seeds (here: of the seeds run)
+    report["target"] = {arm: sum(report["seeds"][str(s)]["target_met"].get(arm, False) for s in seeds)
+                        for arm in ARMS if any(arm in report["seeds"][str(s)]["target_met"] for s in seeds)}
     from mmpref.io import write_json_atomic
 
     write_json_atomic(out / "report.json", report)
@@ -202,19 +271,39 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
         r = report["seeds"][str(s)]
         ev = r["eval"]
         split = "validation" if ev.get("split") == "val" else "held-out"
+        names = [n for n in MODEL_TITLES if n in ev["models"]]
+        diffs = ev.get("differences", {"aligned-base": ev["delta"]})
         lines += [f"## Seed {s}: {r['verdict']}", "",
                   f"{ev['captions']} {split} captions x {ev['samples_per_caption']} samples; mean [95% bootstrap "
-                  "CI]; delta = aligned - base, paired per caption (* = CI excludes 0).", "",
-                  "| metric | base | aligned | delta |", "|---|---|---|---|"]
+                  "CI]. aligned = offline DPO on the synth's preference set"
+                  + ("; online = DPO on the policy's own samples, ranked by CLAP each round" if "online" in names
+                     else "")
+                  + ("; SFT-more = the base trained further on the synth's winners (plain denoising loss, the "
+                     "offline alignment's steps)" if "sft_more" in names else "") + ".", "",
+                  "| metric | " + " | ".join(MODEL_TITLES[n] for n in names) + " |", "|---" * (1 + len(names)) + "|"]
         for m in METRICS:
-            lines.append(f"| {m.replace('_', ' ')} | {_fmt(ev['models']['base'][m])} | "
-                         f"{_fmt(ev['models']['aligned'][m])} | {_dfmt(ev['delta'][m])} |")
+            lines.append(f"| {m.replace('_', ' ')} | " + " | ".join(_fmt(ev["models"][n][m]) for n in names) + " |")
+        lines += ["", "Paired differences per caption (* = the 95% CI excludes 0):", "",
+                  "| metric | " + " | ".join(" - ".join(MODEL_TITLES[x] for x in k.split("-", 1)) for k in diffs)
+                  + " |", "|---" * (1 + len(diffs)) + "|"]
+        for m in METRICS:
+            lines.append(f"| {m.replace('_', ' ')} | " + " | ".join(_dfmt(d[m]) for d in diffs.values()) + " |")
+        lines += [""] + [f"- {v}" for k, v in r.get("verdicts", {}).items() if k != "aligned-base"]
+        if r.get("online_rounds"):
+            lines += ["", "Online rounds (CLAP reward of the policy's own samples; each round draws other captions): "
+                      + "; ".join(f"round {x['round']}: mean {x['reward_mean']:.3f}, winners {x['winner_mean']:.3f}"
+                                  for x in r["online_rounds"])]
         lines += ["", "Stages:", ""]
         lines += [f"- {k}: {v['line']} ({v['seconds']:.0f} s)" for k, v in r["stages"].items()
                   if v.get("seconds") is not None]
         lines.append("")
+    if report.get("target"):
+        lines += ["## Target", "", "Seeds on which an arm beats both the base and the SFT-more control outside the 95% "
+                  "CI on event recall or order accuracy, with precision not significantly worse: "
+                  + ", ".join(f"{MODEL_TITLES[a]} {n} of {len(seeds)}" for a, n in report["target"].items()), ""]
     lines += [f"## Plots (seed {seeds[0]})", "", "![training curves](plots/training_curves.png)", "",
               "![before/after](plots/before_after.png)", "", "![CLAP scores](plots/clap_hist.png)", "",
+              *(["![online rounds](plots/online_rounds.png)", ""] if "online_rounds" in report["plots"] else []),
               f"WAV examples: `seed{seeds[0]}/{_folder(report['seeds'][str(seeds[0])]['eval'])}/wav/` "
               "(Griffin-Lim from the generated log-mels).", "",
               "Wall time of this invocation (a cached stage costs ~0 s): "

@@ -79,6 +79,32 @@ class AlignConfig:
     sft_weight: float = 0.0  # > 0 adds weight * the winners' summed NLL (a plain weight, not RPO's eta * beta)
 
 
+@dataclass
+class OnlineArmConfig:
+    """The online arm: rounds of (sample ``samples`` clips for each of ``prompts_per_round`` preference captions
+    from the current policy, rank them with the demo's CLAP (never the judge), the best vs ``losers`` others as one
+    group, grouped diffusion-DPO), each round's policy sampling the next. Off unless ``enabled``."""
+
+    enabled: bool = False
+    # "samples": the losers are the policy's other samples of the caption (mmpref train's online rounds, builder
+    # best_vs_k); "perturbed": each round runs the synth on the current policy (perturbed captions sampled from the
+    # original's noise, CLAP-filtered) and DPO from it, the reference being the policy that drew the round
+    losers_from: str = "samples"
+    rounds: int = 2
+    prompts_per_round: int = 120
+    samples: int = 4
+    losers: int = 3
+    epochs_per_round: int = 1
+    beta: float = 2000.0
+    lr: float = 5e-5
+    batch_size: int = 8
+    update_reference: bool = True  # each round's reference is the policy that drew its samples (iterative Tango 2)
+
+    def __post_init__(self) -> None:
+        check(self.losers_from in ("samples", "perturbed"), "losers_from",
+              f"must be samples or perturbed; got {self.losers_from!r}")
+
+
 EVAL_SPLITS = ("heldout", "val")
 
 
@@ -111,6 +137,10 @@ class DemoConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     synth: SynthStageConfig = field(default_factory=SynthStageConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    online: OnlineArmConfig = field(default_factory=OnlineArmConfig)
+    # the control: the base trained further on the synth's winners with the plain denoising loss, with the offline
+    # alignment's steps, batch and optimizer (the gain that more training alone buys)
+    sft_more: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def scaled(self, factor: float) -> DemoConfig:
@@ -124,7 +154,8 @@ class DemoConfig:
 
         for c, names in ((cfg.judge, ("n",)), (cfg.corpus, ("n_train", "n_heldout", "n_pref_prompts", "n_val")),
                          (cfg.vae, ("steps",)), (cfg.unet, ("steps",)), (cfg.text_encoder, ("steps", "captions")),
-                         (cfg.clap, ("steps",)), (cfg.align, ("steps",))):
+                         (cfg.clap, ("steps",)), (cfg.align, ("steps",)),
+                         (cfg.online, ("prompts_per_round",))):
             for n in names:
                 setattr(c, n, mul(getattr(c, n)))
         return cfg
@@ -160,7 +191,9 @@ STAGE_INPUTS: dict[str, list[str]] = {
     "2d-clap": _BASE + ["clap"],
     "3-synth": _SYNTH,
     "4-align": _SYNTH + ["align"],
-    "5-eval": _SYNTH + ["align", "eval"],
+    "4b-sft_more": _SYNTH + ["align", "sft_more"],
+    "4c-online": _BASE_MODEL + ["clap", "generation", "online"],
+    "5-eval": _SYNTH + ["align", "online", "sft_more", "eval"],
 }
 
 
