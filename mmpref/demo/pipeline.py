@@ -431,7 +431,7 @@ def sft_more_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped
                 "line": f"SFT-more control: {result.step} sft steps on the winners, loss {loss[0]:.3f} -> "
                         f"{np.mean(loss[-4:]):.3f}"}
 
-    return run_stage(run, "4b-sft_more", fit, settings=stage_settings(cfg, "4b-sft_more"))
+    return run_stage(run, "4b-sft_more", fit, settings=stage_settings(cfg, "4b-sft_more"), stage_dir=run / "sft_more")
 
 
 def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
@@ -464,7 +464,8 @@ def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
                         f"{o.samples} samples, {result.step} steps; CLAP reward of the policy's samples by round "
                         + " -> ".join(f"{r['reward_mean']:.3f}" for r in rounds)}
 
-    return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"))
+    # a changed online recipe re-runs the arm in a clean folder (it holds the arm's outputs only)
+    return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"), stage_dir=run / "online")
 
 
 def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
@@ -516,7 +517,8 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> d
                         f"{o.prompts_per_round} captions, {steps} steps; groups per round "
                         + ", ".join(str(r["groups"]) for r in rounds)}
 
-    return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"))
+    # a changed online recipe re-runs the arm in a clean folder (it holds the arm's outputs only)
+    return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"), stage_dir=run / "online")
 
 
 def _per_round(rollouts: Path) -> list[dict]:

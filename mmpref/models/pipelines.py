@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = {"TangoPipeline": "mmpref.models.tango:TangoPipeline",
-            "AudioLDM2Pipeline": "mmpref.models.audioldm2:AudioLDM2Family"}
+FAMILIES = ("TangoPipeline", "AudioLDM2Pipeline")  # model_index.json's _class_name of each family
 
 
 def preset_names() -> list[str]:
@@ -38,8 +37,10 @@ def pipeline_from_preset(name: str, seed: int = 0, tokenizer: Any = None) -> Any
 def pipeline_from_pretrained(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                              tokenizer: Any = None) -> Any:
     """Load a saved pipeline folder with the class its ``model_index.json`` names."""
-    module, _, cls_name = FAMILIES[family_of(path)].partition(":")
-    cls = getattr(__import__(module, fromlist=[cls_name]), cls_name)
+    from mmpref.models.audioldm2 import AudioLDM2Family
+    from mmpref.models.tango import TangoPipeline
+
+    cls = AudioLDM2Family if family_of(path) == "AudioLDM2Pipeline" else TangoPipeline
     return cls.from_pretrained(path, torch_dtype=torch_dtype, tokenizer=tokenizer)
 
 
