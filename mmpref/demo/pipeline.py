@@ -16,7 +16,6 @@ Folder layout of one run (``<out>/seed<S>/``)::
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -470,8 +469,9 @@ def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
 
 def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
     """The online arm with perturbed-caption losers: round k runs the synth on the current policy for its own slice
-    of the preference captions, then DPO from that policy (the reference: the same policy) for ``epochs_per_round``
-    epochs of the round's groups; the result samples the next round. Each round is a stage of its own (resumable)."""
+    of the preference captions, then DPO from that policy (the reference: the same policy) for ``steps_per_round``
+    steps (default: the offline alignment's steps split over the rounds); the result samples the next round. Each
+    round is a stage of its own (resumable)."""
     o = cfg.online
     folder = run / "online"
 
@@ -488,7 +488,7 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> d
                 made = synthesise(cfg, run, seed + 1000 * (k + 1), policy, folder / f"round-{k}.txt",
                                   folder / f"synth-{k}")
                 groups = made["groups"]
-                n_steps = max(1, o.epochs_per_round * math.ceil(groups / o.batch_size))
+                n_steps = o.steps_per_round or max(1, cfg.align.steps // o.rounds)
                 raw = {
                     "modality": "diffusion",
                     "model": {"pipeline": policy, "cfg_dropout": cfg.cfg_dropout},

@@ -94,7 +94,10 @@ class OnlineArmConfig:
     prompts_per_round: int = 120
     samples: int = 4
     losers: int = 3
-    epochs_per_round: int = 1
+    epochs_per_round: int = 1  # samples: passes over each round's groups
+    # perturbed: optimizer steps per round; null: the offline alignment's steps split evenly over the rounds (the
+    # same training compute as the offline arm and the SFT-more control)
+    steps_per_round: int | None = None
     beta: float = 2000.0
     lr: float = 5e-5
     batch_size: int = 8
