@@ -123,7 +123,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     for name in ("report.md", "report.json", "plots/training_curves.png", "plots/before_after.png",
                  "plots/clap_hist.png", "seed0/eval/wav/base/00.wav", "seed0/eval/wav/aligned/00.wav",
-                 "seed0/eval/wav/online/00.wav", "seed0/eval/wav/sft_more/00.wav", "seed0/online/config.yaml",
+                 "seed0/eval/wav/online/00.wav", "seed0/eval/wav/sft_more/00.wav", "seed0/online/dpo-1/config.yaml",
                  "plots/online_rounds.png",
                  "seed0/sft_more/config.yaml", "seed0/dpo/config.yaml", "seed0/synth/grouped.jsonl"):
         assert (tmp_path / name).is_file(), name
@@ -132,7 +132,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert sorted(ev["differences"]) == sorted(["aligned-base", "aligned-sft_more", "online-base",
                                                 "online-sft_more", "online-aligned"])
     rounds = report["seeds"]["0"]["online_rounds"]
-    assert [r["round"] for r in rounds] == [0, 1] and all(r["groups"] == 4 for r in rounds)
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["groups"] > 0 for r in rounds)
     samples = json.loads((tmp_path / "seed0" / "eval" / "samples.json").read_text())
     for model in ("base", "aligned", "online", "sft_more"):
         for metric, ci in ev["models"][model].items():

@@ -488,6 +488,9 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> d
                 made = synthesise(cfg, run, seed + 1000 * (k + 1), policy, folder / f"round-{k}.txt",
                                   folder / f"synth-{k}")
                 groups = made["groups"]
+                if groups == 0:  # CLAP kept no group this round: nothing to learn from, the policy carries on
+                    return {"final_dir": policy, "groups": 0, "steps": 0, "winner_mean": float("nan"),
+                            "reward_mean": float("nan"), "line": f"online round {k}: no groups kept, no steps"}
                 n_steps = o.steps_per_round or max(1, cfg.align.steps // o.rounds)
                 raw = {
                     "modality": "diffusion",

@@ -258,6 +258,13 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
     return report
 
 
+def _online_words(config: dict) -> str:
+    o = config.get("online", {})
+    how = ("the synth run on the current policy (perturbed-caption losers from the winner's noise, CLAP-ranked)"
+           if o.get("losers_from") == "perturbed" else "the policy's own samples of each caption, ranked by CLAP")
+    return f"{o.get('rounds', '?')} rounds of DPO on {how}, each round's policy sampling the next"
+
+
 def _stage_seconds(report: dict, seed: int) -> float:
     return sum(v["seconds"] for v in report["seeds"][str(seed)]["stages"].values() if v.get("seconds") is not None)
 
@@ -276,8 +283,7 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
         lines += [f"## Seed {s}: {r['verdict']}", "",
                   f"{ev['captions']} {split} captions x {ev['samples_per_caption']} samples; mean [95% bootstrap "
                   "CI]. aligned = offline DPO on the synth's preference set"
-                  + ("; online = DPO on the policy's own samples, ranked by CLAP each round" if "online" in names
-                     else "")
+                  + (f"; online = {_online_words(report['config'])}" if "online" in names else "")
                   + ("; SFT-more = the base trained further on the synth's winners (plain denoising loss, the "
                      "offline alignment's steps)" if "sft_more" in names else "") + ".", "",
                   "| metric | " + " | ".join(MODEL_TITLES[n] for n in names) + " |", "|---" * (1 + len(names)) + "|"]
