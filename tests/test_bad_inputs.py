@@ -419,7 +419,7 @@ def _(ws, a):
     return ["generate", "--model", str(ws / "nope"), "--prompt", "a dog", "--out", str(ws / "o")]
 
 
-@case("generate-model-not-a-pipeline", "--model: ", "cannot be loaded as a TangoPipeline folder")
+@case("generate-model-not-a-pipeline", "--model: ", "cannot be loaded as a TangoPipeline / AudioLDM2Pipeline folder")
 def _(ws, a):
     (ws / "m").mkdir()
     return ["generate", "--model", str(ws / "m"), "--prompt", "a dog", "--out", str(ws / "o")]

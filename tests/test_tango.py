@@ -149,7 +149,7 @@ def test_from_pretrained_errors(pipe, tmp_path):
         TangoPipeline.from_pretrained(tmp_path)
     (tmp_path / "ldm2").mkdir()
     (tmp_path / "ldm2" / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDM2Pipeline"}))
-    with pytest.raises(ValueError, match="holds a diffusers AudioLDM2Pipeline.*TangoPipeline folders only"):
+    with pytest.raises(ValueError, match="holds a diffusers AudioLDM2Pipeline.*not a TangoPipeline"):
         TangoPipeline.from_pretrained(tmp_path / "ldm2")
     no_tok = TangoPipeline(pipe.text_encoder, None, pipe.unet, pipe.vae, pipe.vocoder, pipe.scheduler)
     with pytest.raises(ValueError, match="no tokenizer"):

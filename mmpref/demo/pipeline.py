@@ -15,6 +15,7 @@ Folder layout of one run (``<out>/seed<S>/``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -631,6 +632,8 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
     """All stages for one seed; returns every stage's summary (also in the ``*.done.json`` markers)."""
     run = out / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
+    # the stage markers record this run's seed: seed 1 of `--seeds 3` is the same run as a config with `seed: 1`
+    cfg = dataclasses.replace(cfg, seed=seed)
     stages: dict[str, dict] = {"corpus": corpus_stage(cfg, run, seed)}
     stages["vae"] = vae_stage(cfg, run, seed)
     stages["pipeline"] = init_pipeline_stage(cfg, run, seed)

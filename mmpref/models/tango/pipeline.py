@@ -399,9 +399,9 @@ def _read_index(path: Path) -> dict[str, Any]:
     if index_file.is_file():
         index = json.loads(index_file.read_text())
         if index.get("_class_name") != "TangoPipeline":
-            raise ValueError(f"{path} holds a diffusers {index.get('_class_name')} (model_index.json); mmpref's "
-                             "diffusion adapter and generator support TangoPipeline folders only (mmpref saves them; "
-                             "TangoPipeline.from_tango_checkpoint converts Tango's checkpoints)")
+            raise ValueError(f"{path} holds a diffusers {index.get('_class_name')} (model_index.json), not a "
+                             "TangoPipeline; mmpref.models.pipelines.pipeline_from_pretrained loads each supported "
+                             "family (TangoPipeline, AudioLDM2Pipeline) with its own class")
         own = index.get("_mmpref", {})
         components = {n: (None if index.get(n) in (None, [None, None]) else tuple(index[n])) for n in COMPONENTS}
         if own.get("vocoder") == GRIFFIN_LIM:
