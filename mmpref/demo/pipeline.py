@@ -403,11 +403,16 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
     return run_stage(run, "4-align", fit, settings=stage_settings(cfg, "4-align"))
 
 
-def _optim_and_run(run: Path, seed: int, name: str, lr: float, steps: int, batch_size: int) -> dict:
-    """The optimizer and run sections every alignment arm shares (so they differ only in data and loss)."""
-    return {"optim": {"lr": lr, "scheduler": "constant", "warmup_steps": min(10, steps // 10)},
-            "run": {"output_dir": str(run / name), "batch_size": batch_size, "max_steps": steps, "seed": seed,
-                    "log_every": 5, "save_every": max(25, steps // 4), "cpu": True}}
+def _optim_and_run(run: Path, seed: int, name: str, lr: float, steps: int | None, batch_size: int) -> dict:
+    """The optimizer and run sections every alignment arm shares (so they differ only in data and loss); ``steps``
+    None: the run's length comes from elsewhere (online rounds)."""
+    known = steps if steps is not None else 100
+    out = {"optim": {"lr": lr, "scheduler": "constant", "warmup_steps": min(10, known // 10)},
+           "run": {"output_dir": str(run / name), "batch_size": batch_size, "seed": seed, "log_every": 5,
+                   "save_every": max(25, known // 4), "cpu": True}}
+    if steps is not None:
+        out["run"]["max_steps"] = steps
+    return out
 
 
 def sft_more_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_jsonl: str) -> dict:
@@ -454,9 +459,8 @@ def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
                        "generation": {"steps": cfg.generation.steps, "guidance_scale": cfg.generation.guidance_scale},
                        "rounds": o.rounds, "prompts_per_round": o.prompts_per_round,
                        "epochs_per_round": o.epochs_per_round, "update_reference": o.update_reference},
-            **_optim_and_run(run, seed, "online", o.lr, 10**9, o.batch_size),  # the rounds set the length
+            **_optim_and_run(run, seed, "online", o.lr, None, o.batch_size),  # the rounds set the length
         }
-        raw["run"].pop("max_steps")
         result = _train_from_dict(raw, run / "online.yaml")
         rounds = _per_round(run / "online" / "rollouts")
         return {"final_dir": result.final_dir, "rounds": rounds,
