@@ -357,8 +357,12 @@ def synthesise(cfg: DemoConfig, run: Path, seed: int, pipeline_dir: str, caption
     strategies: dict[str, int] = {}
     for r in rows:
         strategies[str(r.get("strategy"))] = strategies.get(str(r.get("strategy")), 0) + 1
+    winners = [r["chosen_scores"]["clap"] for r in rows]
+    losers = [x["clap"] for r in rows for x in r["rejected_scores"]]
     return {"grouped_jsonl": str(result.grouped_jsonl), "groups": len(rows), "strategies": strategies,
-            "report": result.report}
+            "report": result.report,  # the kept groups' mean CLAP score: winners, and winners and losers together
+            "winner_clap": float(np.mean(winners)) if winners else float("nan"),
+            "clap": float(np.mean(winners + losers)) if winners else float("nan")}
 
 
 def synth_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
@@ -382,15 +386,8 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
         head: Any = {a.loss: {"beta": a.beta}}
         loss = {**{a.loss: {"weight": 1.0, "beta": a.beta}}, "sft": {"weight": a.sft_weight}} \
             if a.sft_weight > 0 else head
-        raw = {
-            "modality": "diffusion",
-            "model": {"pipeline": base_dir, "cfg_dropout": cfg.cfg_dropout},
-            "data": {"path": grouped_jsonl, "schema": "grouped", "num_losers": cfg.synth.losers_per_prompt,
-                     "duration_s": cfg.duration_s, "cache_dir": str(run / "cache" / "dpo"), "skip_invalid": True},
-            "loss": loss,
-            "reference": {"mode": "copy"},
-            **_optim_and_run(run, seed, "dpo", a.lr, a.steps, a.batch_size),
-        }
+        raw = {**_preference_run(cfg, run, base_dir, grouped_jsonl, loss, "dpo"),
+               **_optim_and_run(run, seed, "dpo", a.lr, a.steps, a.batch_size)}
         result = _train_from_dict(raw, run / "dpo.yaml")
         m = read_jsonl(Path(result.metrics_file))
         acc = [r["rewards/accuracies"] for r in m if "rewards/accuracies" in r]
@@ -401,6 +398,15 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
                         f"{np.mean(acc[-4:]) if acc else float('nan'):.2f}"}
 
     return run_stage(run, "4-align", fit, settings=stage_settings(cfg, "4-align"))
+
+
+def _preference_run(cfg: DemoConfig, run: Path, pipeline: str, grouped_jsonl: str, loss: Any, cache: str) -> dict:
+    """The model, data, loss and reference sections of a DPO run from ``pipeline`` on a synth's grouped set (a frozen
+    copy of ``pipeline``'s UNet as the reference): the offline arm and every round of the perturbed online arm."""
+    return {"modality": "diffusion", "model": {"pipeline": pipeline, "cfg_dropout": cfg.cfg_dropout},
+            "data": {"path": grouped_jsonl, "schema": "grouped", "num_losers": cfg.synth.losers_per_prompt,
+                     "duration_s": cfg.duration_s, "cache_dir": str(run / "cache" / cache), "skip_invalid": True},
+            "loss": loss, "reference": {"mode": "copy"}}
 
 
 def _optim_and_run(run: Path, seed: int, name: str, lr: float, steps: int | None, batch_size: int) -> dict:
@@ -497,23 +503,12 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> d
                     return {"final_dir": policy, "groups": 0, "steps": 0, "winner_mean": float("nan"),
                             "reward_mean": float("nan"), "line": f"online round {k}: no groups kept, no steps"}
                 n_steps = o.steps_per_round or max(1, cfg.align.steps // o.rounds)
-                raw = {
-                    "modality": "diffusion",
-                    "model": {"pipeline": policy, "cfg_dropout": cfg.cfg_dropout},
-                    "data": {"path": made["grouped_jsonl"], "schema": "grouped",
-                             "num_losers": cfg.synth.losers_per_prompt, "duration_s": cfg.duration_s,
-                             "cache_dir": str(run / "cache" / f"online-{k}"), "skip_invalid": True},
-                    "loss": {"dpo": {"beta": o.beta}},
-                    "reference": {"mode": "copy"},
-                    **_optim_and_run(folder, seed + k, f"dpo-{k}", o.lr, n_steps, o.batch_size),
-                }
+                raw = {**_preference_run(cfg, run, policy, made["grouped_jsonl"], {"dpo": {"beta": o.beta}},
+                                         f"online-{k}"),
+                       **_optim_and_run(folder, seed + k, f"dpo-{k}", o.lr, n_steps, o.batch_size)}
                 result = _train_from_dict(raw, folder / f"dpo-{k}.yaml")
-                rows = read_jsonl(Path(made["grouped_jsonl"]))
-                winners = [r["chosen_scores"]["clap"] for r in rows]
-                losers = [x["clap"] for r in rows for x in r["rejected_scores"]]
                 return {"final_dir": result.final_dir, "groups": groups, "steps": result.step,
-                        "winner_mean": float(np.mean(winners)) if winners else float("nan"),
-                        "reward_mean": float(np.mean(winners + losers)) if winners else float("nan"),
+                        "winner_mean": made["winner_clap"], "reward_mean": made["clap"],
                         "line": f"online round {k}: {groups} groups from {len(chunk)} captions, {result.step} steps"}
 
             done = run_stage(folder, f"round-{k}", one_round)
