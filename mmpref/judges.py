@@ -65,6 +65,16 @@ def checked(values: Any, n: int, judge: str, probabilities: bool = False) -> tor
 
 
 # ----- built-ins ----------------------------------------------------------------------------------------------------
+def reward_text(tokenizer: Any, prompt: str, response: str) -> str:
+    """What a sequence-classifier reward model reads for one (prompt, response): the conversation rendered with the
+    tokenizer's chat template when it has one (as TRL's reward models are trained), else ``prompt + response``.
+    Train a reward model on the same rendering it is scored with."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+    return prompt + response
+
+
 class SequenceClassifierReward:
     """A reward model: ``AutoModelForSequenceClassification`` with one output, scoring ``prompt + response``
     (rendered with the tokenizer's chat template when it has one, as TRL's reward models are trained)."""
@@ -91,17 +101,12 @@ class SequenceClassifierReward:
         self.model.to(device).eval().requires_grad_(False)
         self.device, self.batch_size, self.max_length, self.name = torch.device(device), batch_size, max_length, path
 
-    def _text(self, prompt: str, response: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
-        return prompt + response
-
     @torch.no_grad()
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         out = []
         for s in range(0, len(prompts), self.batch_size):
-            texts = [self._text(p, r) for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])]
+            texts = [reward_text(self.tokenizer, p, r)
+                     for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                  max_length=self.max_length).to(self.device)
             out.append(self.model(**enc).logits[:, 0].float().cpu())

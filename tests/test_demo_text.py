@@ -142,12 +142,21 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
     out = tmp_path / "demo"
     assert text.main(["--quick", "--out", str(out), "--seed", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["loss"] == "dpo" and set(report["models"]) == {"sft", "aligned", "online"}
-    assert set(report["difference"]) == {"aligned-sft", "online-sft", "online-aligned"}
+    arms = ("online_dpo", "rso", "sppo")
+    assert report["loss"] == "dpo" and set(report["models"]) == {"sft", "aligned", *arms}
+    assert set(report["difference"]) == {"aligned-sft"} | {f"{a}-{b}" for a in arms for b in ("sft", "aligned")}
     assert set(report["validation"]["models"]) == set(report["models"])
-    online_cfg = yaml.safe_load((out / "online" / "config.yaml").read_text())
+    online_cfg = yaml.safe_load((out / "online_dpo" / "config.yaml").read_text())
     assert online_cfg["online"]["judge"]["path"] == "mmpref.demo.text:rule_reward"
     assert online_cfg["online"]["prompts"] == str(out / "data" / "sft.jsonl")
+    # RSO and SPPO are judged by the demo's reward model, which the library loads from its folder
+    for arm, builder in (("rso", "rso"), ("sppo", "sppo")):
+        arm_cfg = yaml.safe_load((out / arm / "config.yaml").read_text())
+        assert arm_cfg["online"]["judge"] == {**arm_cfg["online"]["judge"], "kind": "reward_model",
+                                              "path": str(out / "reward_model")}
+        assert arm_cfg["online"]["builder"] == builder and report["online_steps"][arm] == 4
+    assert report["reward_model"]["steps"] == 20 and 0 <= report["reward_model"]["val_accuracy"] <= 1
+    assert (out / "sppo" / "rollouts" / "round-0001" / "complete").exists()  # its second round ran
     assert "| exact_match |" in (out / "report.md").read_text()
     # the report's means are the means of the scored generations, and the scores are those of the outputs
     for name in ("sft", "aligned"):
@@ -170,7 +179,7 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
     assert text.main(["--quick", "--out", str(out), "--seed", "1", "--loss", "kto"]) == 0
     log = capsys.readouterr().out
     assert "[sft] cached" in log and "[model] cached" in log and "[eval_sft] cached" in log
-    assert "[online] cached" in log  # the online arm does not depend on the offline loss
+    assert "[online_dpo] cached" in log and "[sppo] cached" in log  # online arms do not use the offline loss
     assert "[align] cached" not in log
     kto = json.loads((out / "report.json").read_text())
     assert kto["loss"] == "kto" and kto["models"]["sft"] == report["models"]["sft"]
@@ -217,3 +226,46 @@ def test_stages_cache_by_fingerprint_and_rerun_when_stale(tmp_path):
     (tmp_path / "s.done.json").unlink()
     text.run_cached(tmp_path, "s", "k3", stage("f"))
     assert not (tmp_path / "s" / "e.txt").exists() and calls == ["a", "c", "d", "e", "f"]
+
+
+def test_report_comparisons_and_which_arms_beat_the_control():
+    assert text.comparisons(["sft", "sft_control", "aligned", "rso", "sppo"]) == [
+        ("aligned", "sft"), ("aligned", "sft_control"), ("rso", "sft"), ("rso", "sft_control"), ("rso", "aligned"),
+        ("sppo", "sft"), ("sppo", "sft_control"), ("sppo", "aligned")]
+    gold = ["a", "b", "c"]
+    right = {"output": "a, b, c", "gold": gold, **score_answer(["a", "b", "c"], gold)}
+    wrong = {"output": "a, c", "gold": gold, **score_answer(["a", "c"], gold)}
+    rows = {"sft": [wrong] * 40, "sft_control": [wrong] * 30 + [right] * 10, "aligned": [wrong] * 40,
+            "rso": [right] * 40, "sppo": [wrong] * 40}
+    r = text.build_report({}, {k: [dict(x, prompt=f"p{i}") for i, x in enumerate(v)] for k, v in rows.items()},
+                          200, 0)
+    assert r["beat_control"] == ["rso"]  # sppo equals sft: below the control
+    assert r["difference"]["rso-sft_control"]["exact_match"]["mean"] == pytest.approx(0.75)
+    assert text.beats(r["difference"]["rso-sft"]) and not text.beats(r["difference"]["sppo-sft_control"])
+
+
+def test_reward_model_learns_the_pairs_and_reloads_as_a_judge(tmp_path):
+    """Bradley-Terry on pairs whose winner is the gold list: the saved model ranks held-out pairs, and the library's
+    reward-model judge (from_pretrained) gives the same scores as the trained model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mmpref.demo.text_reward import _scores, train_reward_model
+    from mmpref.judges import SequenceClassifierReward
+    from mmpref.toy.llm import build_tiny_llama
+
+    rng = random.Random(0)
+    train = preference_pairs(make_examples(TASK, 300, rng), {**TASK, "perturbations": ["omission"]}, rng)
+    val = preference_pairs(make_examples(TASK, 100, rng), {**TASK, "perturbations": ["omission"]}, rng)
+    texts = [r["prompt"] + r["chosen"] for r in train + val]
+    init = build_tiny_llama(tmp_path / "init", texts, vocab_size=256, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    result = train_reward_model(init, train, val, tmp_path / "rm", steps=80, batch_size=32, lr=3e-3, seed=0)
+    assert result["last_loss"] < result["first_loss"] and result["val_accuracy"] > 0.9  # shorter answer loses
+    judge = SequenceClassifierReward(str(tmp_path / "rm"))
+    prompts, answers = [r["prompt"] for r in val[:8]], [r["rejected"] for r in val[:8]]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        one_by_one = torch.stack([_scores(model, tok, [p], [a])[0] for p, a in zip(prompts, answers)])
+    torch.testing.assert_close(judge.rewards(prompts, answers), one_by_one, atol=1e-4, rtol=1e-4)

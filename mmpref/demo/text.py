@@ -129,6 +129,45 @@ def rule_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return out
 
 
+REWARD_MODEL = "demo:reward_model"  # an online arm's `judge.path` that the demo fills with its trained reward model
+
+
+def _uses_reward_model(arm: dict) -> bool:
+    return (arm.get("online") or {}).get("judge", {}).get("path") == REWARD_MODEL
+
+
+def _with_reward_model(arm: dict, path: str | None) -> dict:
+    """The arm's config with the demo's reward model folder as its judge (when it asks for it)."""
+    if not _uses_reward_model(arm):
+        return arm
+    arm = copy.deepcopy(arm)
+    arm["online"]["judge"]["path"] = path
+    return arm
+
+
+def _judge_name(arm: dict) -> str:
+    judge = (arm.get("online") or {}).get("judge", {})
+    if judge.get("path") == REWARD_MODEL:
+        return "the reward model" + (" (Bradley-Terry preferences)" if arm["online"].get("builder") in (
+            "sppo", "pair") else "")
+    return "the task's rule" if str(judge.get("path", "")).endswith(":rule_reward") else str(judge.get("path"))
+
+
+def reward_model_stage(rcfg: dict, task: dict, sft_dir: str, data_dir: Path, out: Path,
+                       seed: int) -> tuple[dict, str]:
+    """The reward model (:mod:`mmpref.demo.text_reward`) trained on the preference pairs; its pair accuracy on
+    pairs of the validation prompts (made here, with their own generator) says how well it judges."""
+    from mmpref.demo.text_reward import train_reward_model
+
+    pairs = read_jsonl(data_dir / "prefs.jsonl")
+    vals = [Example(r["prompt"], tuple(r["gold"])) for r in read_jsonl(data_dir / "val.jsonl")]
+    val_pairs = preference_pairs(vals, {**task, "pairs_per_prompt": len(task["perturbations"])},
+                                 random.Random(f"{seed}-reward-val"))
+    result = train_reward_model(sft_dir, pairs, val_pairs, out, rcfg["steps"], rcfg["batch_size"], rcfg["lr"], seed)
+    return {**result, "path": str(out)}, (f"{result['steps']} Bradley-Terry steps, pair accuracy train "
+                                          f"{result['train_accuracy']:.3f}, validation {result['val_accuracy']:.3f}")
+
+
 # ----- scoring ------------------------------------------------------------------------------------------------------
 def score_answer(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
     """Exact match; order accuracy (fraction of gold item pairs in the right relative order, a missing item fails
@@ -276,21 +315,40 @@ def evaluate(model_dir: str, examples: Sequence[dict], ecfg: dict) -> tuple[dict
 
 # ----- report -------------------------------------------------------------------------------------------------------
 def build_report(info: dict, rows: dict[str, list[dict]], n_boot: int, seed: int) -> dict:
-    """Per-model metric summaries and error counts, paired differences of the aligned model against the SFT model
-    (and against the compute-matched SFT control when it ran), a verdict and a few example generations."""
-    arms = [a for a in ARMS if a in rows]
-    diffs = {f"{arm}-{base}": compare(rows[base], rows[arm], n_boot, seed)
-             for arm in arms for base in rows if base not in arms[arms.index(arm):]}
+    """Per-model metric summaries and error counts; paired differences of every trained arm against the SFT model
+    and the compute-matched SFT control, and of every online arm against offline DPO (:func:`comparisons`); a
+    verdict per difference, which online arms beat the control, and a few example generations."""
+    diffs = {f"{arm}-{base}": compare(rows[base], rows[arm], n_boot, seed) for arm, base in comparisons(list(rows))}
+    online = [n for n in rows if n not in OFFLINE_MODELS]
     return {
         **info,
         "models": {name: summarise(r, n_boot, seed) for name, r in rows.items()},
         "difference": diffs,
         "verdict": verdict(diffs["aligned-sft"]),
+        "verdicts": {name: verdict(d) for name, d in diffs.items()},
+        "beat_control": [n for n in online if f"{n}-sft_control" in diffs and beats(diffs[f"{n}-sft_control"])],
         "errors": {name: error_counts(r) for name, r in rows.items()},
         "examples": [{"prompt": group[0]["prompt"], "gold": format_answer(group[0]["gold"]).strip(),
                       **{name: row["output"].strip() for name, row in zip(rows, group)}}
                      for group in list(zip(*rows.values()))[:8]],
     }
+
+
+OFFLINE_MODELS = ("sft", "sft_control", "aligned")  # every other model is an online arm
+
+
+def comparisons(models: Sequence[str]) -> list[tuple[str, str]]:
+    """(arm, base) pairs the report shows: offline DPO against SFT and the control; each online arm against SFT,
+    the control and offline DPO (online arms are not compared with each other)."""
+    bases = [m for m in OFFLINE_MODELS if m in models]
+    out = [("aligned", b) for b in bases if b != "aligned" and "aligned" in models]
+    return out + [(m, b) for m in models if m not in OFFLINE_MODELS for b in bases]
+
+
+def beats(diff: dict) -> bool:
+    """Better on some metric beyond the 95% interval and worse on none."""
+    return any(diff[m]["significant"] and diff[m]["mean"] > 0 for m in METRICS) and not any(
+        diff[m]["significant"] and diff[m]["mean"] < 0 for m in METRICS)
 
 
 def error_counts(rows: Sequence[dict]) -> dict[str, int]:
@@ -307,8 +365,12 @@ def error_counts(rows: Sequence[dict]) -> dict[str, int]:
     return out
 
 
-MODEL_TITLES = {"sft": "SFT", "sft_control": "SFT control", "aligned": "aligned", "online": "online"}
-ARMS = ("aligned", "online")  # trained on preferences; compared with every other model
+MODEL_TITLES = {"sft": "SFT", "sft_control": "SFT control", "aligned": "offline DPO", "online_dpo": "online DPO",
+                "rso": "RSO", "sppo": "SPPO"}
+
+
+def title(name: str) -> str:
+    return MODEL_TITLES.get(name, name)
 
 
 def render_markdown(r: dict) -> str:
@@ -318,7 +380,7 @@ def render_markdown(r: dict) -> str:
     names = list(r["models"])
     control = "sft_control" in names
     lines = [
-        "# mmpref text demo: ordered lists, SFT vs aligned",
+        "# mmpref text demo: ordered lists, SFT vs offline and online alignment",
         "",
         f"Loss `{r['loss']}`, seed {r['seed']}{' (--quick)' if r['quick'] else ''}; tiny Llama "
         f"({r['model']['parameters'] / 1e3:.0f}k parameters) trained from scratch: {r['sft_steps']} SFT steps, then "
@@ -328,42 +390,49 @@ def render_markdown(r: dict) -> str:
         f"({r['bootstrap']} resamples; differences are paired bootstraps over prompts)."
         + (f" `SFT control` continues SFT on the gold answers for the same {r['align_steps']} steps as the alignment:"
            " the gain that more training alone buys." if control else ""),
-        "",
-        "| metric | " + " | ".join(MODEL_TITLES[n] for n in names) + " | " + " | ".join(
-            " - ".join(MODEL_TITLES[n] for n in d.split("-", 1)) for d in r["difference"]) + " |",
-        "|---" * (1 + len(names) + len(r["difference"])) + "|",
     ]
+    for name, steps in (r.get("online_steps") or {}).items():
+        lines.append(f"- {title(name)}: {steps} steps from the SFT model on its own samples for the training prompts, "
+                     f"judged by {r['online_judges'].get(name, '?')} (no preference pairs).")
+    if r.get("reward_model"):
+        rm = r["reward_model"]
+        lines.append(f"- The reward model: the SFT model with a one-output score head, {rm['steps']} Bradley-Terry "
+                     f"steps on the preference pairs; pair accuracy {rm['train_accuracy']:.3f} on them, "
+                     f"{rm['val_accuracy']:.3f} on pairs of the validation prompts.")
+    lines += ["", "| metric | " + " | ".join(title(n) for n in names) + " |", "|---" * (1 + len(names)) + "|"]
     for m in METRICS:
-        diffs = [f"{cell(d[m], '+')}{' *' if d[m]['significant'] else ''}" for d in r["difference"].values()]
-        lines.append(f"| {m} | " + " | ".join(cell(r["models"][n][m]) for n in names) + " | " + " | ".join(diffs)
-                     + " |")
-    lines += ["", "`*`: the 95% interval of the difference excludes 0.", "",
-              f"Verdict (aligned vs SFT): {r['verdict']}"]
-    for name, title in (("aligned-sft_control", "Aligned vs the SFT control"), ("online-sft", "Online vs SFT"),
-                        ("online-sft_control", "Online vs the SFT control"), ("online-aligned", "Online vs aligned")):
-        if name in r["difference"]:
-            lines.append(f"{title}: {verdict(r['difference'][name])}")
-    if r.get("online_steps"):
-        lines.append(f"The online arm: {r['online_steps']} online DPO steps from the SFT model on its own samples "
-                     "for the training prompts, judged by the task's rule (no preference pairs).")
+        lines.append(f"| {m} | " + " | ".join(cell(r["models"][n][m]) for n in names) + " |")
+    lines += ["", "Paired differences (`*`: the 95% interval excludes 0):", "",
+              "| difference | " + " | ".join(METRICS) + " | verdict |", "|---" * (2 + len(METRICS)) + "|"]
+    for name, d in r["difference"].items():
+        arm, base = name.split("-", 1)
+        lines.append(f"| {title(arm)} - {title(base)} | " + " | ".join(
+            f"{cell(d[m], '+')}{' *' if d[m]['significant'] else ''}" for m in METRICS)
+            + f" | {r['verdicts'][name]} |")
+    if control:
+        beat = r.get("beat_control") or []
+        lines += ["", "Online arms above the SFT control (better on a metric, worse on none): "
+                  + (", ".join(title(n) for n in beat) if beat else "none") + "."]
     if "validation" in r:
         v = r["validation"]
-        lines += ["", f"Validation prompts ({r['data'].get('val_prompts', '?')}; settings are chosen on these), "
-                      "means and paired differences:", "",
-                  "| metric | " + " | ".join(MODEL_TITLES[n] for n in v["models"]) + " | " + " | ".join(
-                      " - ".join(MODEL_TITLES[n] for n in d.split("-", 1)) for d in v["difference"]) + " |",
-                  "|---" * (1 + len(v["models"]) + len(v["difference"])) + "|"]
+        lines += ["", f"Validation prompts ({r['data'].get('val_prompts', '?')}; settings are chosen on these): means, "
+                      "then paired differences:", "",
+                  "| metric | " + " | ".join(title(n) for n in v["models"]) + " |",
+                  "|---" * (1 + len(v["models"])) + "|"]
         for m in METRICS:
-            lines.append(f"| {m} | " + " | ".join(f"{v['models'][n][m]['mean']:.3f}" for n in v["models"]) + " | "
-                         + " | ".join(f"{d[m]['mean']:+.3f}{' *' if d[m]['significant'] else ''}"
-                                      for d in v["difference"].values()) + " |")
+            lines.append(f"| {m} | " + " | ".join(f"{v['models'][n][m]['mean']:.3f}" for n in v["models"]) + " |")
+        lines += ["", "| difference | " + " | ".join(METRICS) + " |", "|---" * (1 + len(METRICS)) + "|"]
+        for name, d in v["difference"].items():
+            arm, base = name.split("-", 1)
+            lines.append(f"| {title(arm)} - {title(base)} | " + " | ".join(
+                f"{d[m]['mean']:+.3f}{' *' if d[m]['significant'] else ''}" for m in METRICS) + " |")
     lines += ["", "Error counts (answers):", "", "| model | exact | missing item | extra item | order only |",
               "|---|---|---|---|---|"]
     for name in names:
         e = r["errors"][name]
-        lines.append(f"| {MODEL_TITLES[name]} | {e['exact']} | {e['missing_item']} | {e['extra_item']} "
+        lines.append(f"| {title(name)} | {e['exact']} | {e['missing_item']} | {e['extra_item']} "
                      f"| {e['order_only']} |")
-    lines += ["", "Examples:", "", "| prompt | gold | " + " | ".join(MODEL_TITLES[n] for n in names) + " |",
+    lines += ["", "Examples:", "", "| prompt | gold | " + " | ".join(title(n) for n in names) + " |",
               "|---" * (2 + len(names)) + "|"]
     lines += [f"| `{x['prompt']}` | {x['gold']} | " + " | ".join(x[n] for n in names) + " |" for x in r["examples"]]
     lines += ["", f"Wall time {r['wall_s']:.0f} s. Command: `{r['command']}`", ""]
@@ -440,18 +509,29 @@ def run(args: argparse.Namespace) -> dict:
         control = run_cached(out, "sft_control", key_control, lambda: run_training(
             control_cfg, sft["final"], out / "data" / "sft.jsonl", out / "sft_control", seed))
         models = {"sft": models["sft"], "sft_control": (key_control, control["final"]), "aligned": models["aligned"]}
-    online_steps = None
-    if cfg["eval"].get("online", False):  # the SFT model on its own samples, judged by the task's rule
-        key_online = fingerprint(key_sft, cfg["online"])
-        online = run_cached(out, "online", key_online, lambda: run_training(
-            cfg["online"], sft["final"], out / "data" / "sft.jsonl", out / "online", seed))
-        models["online"], online_steps = (key_online, online["final"]), online["steps"]
+    online_steps, rm = {}, None
+    if cfg["eval"].get("online", False):  # the SFT model on its own samples, judged each step or round
+        arms = cfg.get("online_arms") or {}
+        key_rm = None
+        if any(_uses_reward_model(a) for a in arms.values()):
+            rcfg = cfg["reward_model"]
+            key_rm = fingerprint(key_sft, rcfg)
+            rm = run_cached(out, "reward_model", key_rm, lambda: reward_model_stage(
+                rcfg, cfg["task"], sft["final"], out / "data", out / "reward_model", seed))
+        for name, arm in arms.items():
+            arm = _with_reward_model(arm, rm["path"] if rm else None)
+            key_arm = fingerprint(key_sft, arm, key_rm)
+            result = run_cached(out, name, key_arm, lambda arm=arm, name=name: run_training(
+                arm, sft["final"], out / "data" / "sft.jsonl", out / name, seed))
+            models[name], online_steps[name] = (key_arm, result["final"]), result["steps"]
     rows, val_rows = ({name: run_cached(out, f"{split}_{name}", fingerprint(key, cfg["eval"]),
                                         lambda path=path, ex=ex: evaluate(path, ex, cfg["eval"]))["rows"]
                        for name, (key, path) in models.items()}
                       for split, ex in (("eval", examples), ("val", read_jsonl(out / "data" / "val.jsonl"))))
     info = {"loss": args.loss, "seed": seed, "quick": args.quick, "data": data, "model": model,
             "sft_steps": sft["steps"], "align_steps": align["steps"], "online_steps": online_steps,
+            "online_judges": {n: _judge_name(a) for n, a in (cfg.get("online_arms") or {}).items()
+                              if n in online_steps}, "reward_model": rm,
             "bootstrap": cfg["eval"]["bootstrap"], "align_metrics": align["metrics"],
             "command": "mmpref demo --modality text " + " ".join(args.argv)}
     report = build_report(info, rows, cfg["eval"]["bootstrap"], seed)
@@ -463,7 +543,8 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-TEXT_DEMO_ENTRIES = ("data", "model", "sft", "align", "sft_control", "online", "eval_*", "val_*", "*.done.json",
+TEXT_DEMO_ENTRIES = ("data", "model", "sft", "align", "sft_control", "online", "online_dpo", "rso", "sppo",
+                     "reward_model", "eval_*", "val_*", "*.done.json",
                      "report.json", "report.md")
 
 
