@@ -142,19 +142,19 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
     out = tmp_path / "demo"
     assert text.main(["--quick", "--out", str(out), "--seed", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
-    arms = ("online_dpo", "rso", "sppo")
+    arms = ("online_dpo", "rso", "sppo", "rso_rm")
     assert report["loss"] == "dpo" and set(report["models"]) == {"sft", "aligned", *arms}
     assert set(report["difference"]) == {"aligned-sft"} | {f"{a}-{b}" for a in arms for b in ("sft", "aligned")}
     assert set(report["validation"]["models"]) == set(report["models"])
-    online_cfg = yaml.safe_load((out / "online_dpo" / "config.yaml").read_text())
-    assert online_cfg["online"]["judge"]["path"] == "mmpref.demo.text:rule_reward"
-    assert online_cfg["online"]["prompts"] == str(out / "data" / "sft.jsonl")
-    # RSO and SPPO are judged by the demo's reward model, which the library loads from its folder
-    for arm, builder in (("rso", "rso"), ("sppo", "sppo")):
+    for arm, builder in (("online_dpo", "best_vs_worst"), ("rso", "rso"), ("sppo", "sppo"), ("rso_rm", "rso")):
         arm_cfg = yaml.safe_load((out / arm / "config.yaml").read_text())
-        assert arm_cfg["online"]["judge"] == {**arm_cfg["online"]["judge"], "kind": "reward_model",
-                                              "path": str(out / "reward_model")}
+        judge = arm_cfg["online"]["judge"]
+        if arm == "rso_rm":  # the demo's reward model, which the library loads from its folder
+            assert judge["kind"] == "reward_model" and judge["path"] == str(out / "reward_model")
+        else:
+            assert judge["path"] == "mmpref.demo.text:rule_reward"
         assert arm_cfg["online"]["builder"] == builder and report["online_steps"][arm] == 4
+        assert arm_cfg["online"]["prompts"] == str(out / "data" / "sft.jsonl")
     assert report["reward_model"]["steps"] == 20 and 0 <= report["reward_model"]["val_accuracy"] <= 1
     assert (out / "sppo" / "rollouts" / "round-0001" / "complete").exists()  # its second round ran
     assert "| exact_match |" in (out / "report.md").read_text()

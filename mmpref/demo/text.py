@@ -148,24 +148,45 @@ def _with_reward_model(arm: dict, path: str | None) -> dict:
 def _judge_name(arm: dict) -> str:
     judge = (arm.get("online") or {}).get("judge", {})
     if judge.get("path") == REWARD_MODEL:
-        return "the reward model" + (" (Bradley-Terry preferences)" if arm["online"].get("builder") in (
-            "sppo", "pair") else "")
-    return "the task's rule" if str(judge.get("path", "")).endswith(":rule_reward") else str(judge.get("path"))
+        name = "the reward model"
+    elif str(judge.get("path", "")).endswith(":rule_reward"):
+        name = "the task's rule"
+    else:
+        name = str(judge.get("path"))
+    return name + (" (Bradley-Terry preferences)" if arm["online"].get("builder") in ("sppo", "pair") else "")
 
 
 def reward_model_stage(rcfg: dict, task: dict, sft_dir: str, data_dir: Path, out: Path,
                        seed: int) -> tuple[dict, str]:
-    """The reward model (:mod:`mmpref.demo.text_reward`) trained on the preference pairs; its pair accuracy on
-    pairs of the validation prompts (made here, with their own generator) says how well it judges."""
+    """The reward model (:mod:`mmpref.demo.text_reward`) trained on the world's preference pairs for the training
+    prompts: ``draws`` rounds of every perturbation of every prompt (the world's rule labels as many pairs as asked;
+    the offline arm keeps its fixed set). Its pair accuracy on pairs of the validation prompts (made here, with
+    their own generator) says how well it judges."""
     from mmpref.demo.text_reward import train_reward_model
 
-    pairs = read_jsonl(data_dir / "prefs.jsonl")
+    every = {**task, "pairs_per_prompt": len(task["perturbations"])}
+    train = [Example(r["prompt"], tuple(gold_of(r["prompt"]))) for r in read_jsonl(data_dir / "sft.jsonl")]
+    rng = random.Random(f"{seed}-reward-train")
+    pairs = [p for _ in range(rcfg["draws"]) for p in preference_pairs(train, every, rng)]
     vals = [Example(r["prompt"], tuple(r["gold"])) for r in read_jsonl(data_dir / "val.jsonl")]
-    val_pairs = preference_pairs(vals, {**task, "pairs_per_prompt": len(task["perturbations"])},
-                                 random.Random(f"{seed}-reward-val"))
+    val_pairs = preference_pairs(vals, every, random.Random(f"{seed}-reward-val"))
     result = train_reward_model(sft_dir, pairs, val_pairs, out, rcfg["steps"], rcfg["batch_size"], rcfg["lr"], seed)
-    return {**result, "path": str(out)}, (f"{result['steps']} Bradley-Terry steps, pair accuracy train "
-                                          f"{result['train_accuracy']:.3f}, validation {result['val_accuracy']:.3f}")
+    by_kind = {k: pair_accuracy_of(out, [p for p in val_pairs if p["perturbation"] == k])
+               for k in task["perturbations"]}
+    return {**result, "pairs": len(pairs), "val_accuracy_by_perturbation": by_kind, "path": str(out)}, (
+        f"{result['steps']} Bradley-Terry steps on {len(pairs)} pairs, pair accuracy train "
+        f"{result['train_accuracy']:.3f}, validation {result['val_accuracy']:.3f} "
+        f"({', '.join(f'{k} {v:.2f}' for k, v in by_kind.items())})")
+
+
+def pair_accuracy_of(model_dir: Path, pairs: list[dict]) -> float:
+    """:func:`mmpref.demo.text_reward.pair_accuracy` of a saved reward model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mmpref.demo.text_reward import pair_accuracy
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    return pair_accuracy(model, AutoTokenizer.from_pretrained(model_dir), pairs)
 
 
 # ----- scoring ------------------------------------------------------------------------------------------------------
@@ -366,7 +387,7 @@ def error_counts(rows: Sequence[dict]) -> dict[str, int]:
 
 
 MODEL_TITLES = {"sft": "SFT", "sft_control": "SFT control", "aligned": "offline DPO", "online_dpo": "online DPO",
-                "rso": "RSO", "sppo": "SPPO"}
+                "rso": "RSO", "sppo": "SPPO", "rso_rm": "RSO (reward model)"}
 
 
 def title(name: str) -> str:
@@ -397,7 +418,8 @@ def render_markdown(r: dict) -> str:
     if r.get("reward_model"):
         rm = r["reward_model"]
         lines.append(f"- The reward model: the SFT model with a one-output score head, {rm['steps']} Bradley-Terry "
-                     f"steps on the preference pairs; pair accuracy {rm['train_accuracy']:.3f} on them, "
+                     f"steps on {rm.get('pairs', '?')} pairs of the training prompts; pair accuracy "
+                     f"{rm['train_accuracy']:.3f} on them, "
                      f"{rm['val_accuracy']:.3f} on pairs of the validation prompts.")
     lines += ["", "| metric | " + " | ".join(title(n) for n in names) + " |", "|---" * (1 + len(names)) + "|"]
     for m in METRICS:
@@ -519,8 +541,8 @@ def run(args: argparse.Namespace) -> dict:
             rm = run_cached(out, "reward_model", key_rm, lambda: reward_model_stage(
                 rcfg, cfg["task"], sft["final"], out / "data", out / "reward_model", seed))
         for name, arm in arms.items():
+            key_arm = fingerprint(key_sft, arm, key_rm if _uses_reward_model(arm) else None)
             arm = _with_reward_model(arm, rm["path"] if rm else None)
-            key_arm = fingerprint(key_sft, arm, key_rm)
             result = run_cached(out, name, key_arm, lambda arm=arm, name=name: run_training(
                 arm, sft["final"], out / "data" / "sft.jsonl", out / name, seed))
             models[name], online_steps[name] = (key_arm, result["final"]), result["steps"]
@@ -544,7 +566,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 TEXT_DEMO_ENTRIES = ("data", "model", "sft", "align", "sft_control", "online", "online_dpo", "rso", "sppo",
-                     "reward_model", "eval_*", "val_*", "*.done.json",
+                     "rso_rm", "reward_model", "eval_*", "val_*", "*.done.json",
                      "report.json", "report.md")
 
 

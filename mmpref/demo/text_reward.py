@@ -48,10 +48,16 @@ def train_reward_model(init_dir: str | Path, pairs: Sequence[dict], val_pairs: S
     """Train with the Bradley-Terry loss on ``pairs`` and save the model and tokenizer to ``out`` (atomically);
     returns the loss curve's ends and the pair accuracy on ``pairs`` and ``val_pairs``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(init_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(str(init_dir), num_labels=1, dtype=torch.float32)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report would list the fresh score head, which is the point here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(init_dir), num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(level)
     model.config.pad_token_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
