@@ -133,6 +133,9 @@ def test_quick_demo_end_to_end(tmp_path):
                                                 "online-sft_more", "online-aligned"])
     rounds = report["seeds"]["0"]["online_rounds"]
     assert [r["round"] for r in rounds] == [0, 1] and all(r["groups"] > 0 for r in rounds)
+    val = report["seeds"]["0"]["rounds_val"]  # the base and each round's policy on the validation captions
+    assert [r["round"] for r in val] == [0, 1, 2]
+    assert all(0 <= r[m] <= 1 for r in val for m in ("event_recall", "order_accuracy"))
     samples = json.loads((tmp_path / "seed0" / "eval" / "samples.json").read_text())
     for model in ("base", "aligned", "online", "sft_more"):
         for metric, ci in ev["models"][model].items():
@@ -142,6 +145,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert ev["models"][model]["event_recall"]["mean"] == pytest.approx(recall)
     md = (tmp_path / "report.md").read_text()
     assert f"{ev['models']['base']['event_recall']['mean']:.3f}" in md
+    assert f"round 2: recall {val[2]['event_recall']:.3f}" in md
     # a second run resumes from the markers and reproduces the report's numbers
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "report.json").read_text())["seeds"]["0"]["eval"] == ev
@@ -258,3 +262,18 @@ def test_cached_stage_whose_model_folder_vanished_runs_again(tmp_path):
     (tmp_path / "final").rmdir()
     run_stage(tmp_path, "4-align", stage, log=lambda _: None, settings={"align": 1})
     assert len(calls) == 2 and (tmp_path / "final").is_dir()
+
+
+def test_progress_counts_stages_and_rescales_the_eta_by_the_measured_speed():
+    from mmpref.demo.stages import EXPECTED_S, Progress, _minutes
+
+    p = Progress()
+    p.plan(["3-synth", "4-align", "5-eval"])
+    p.skipped("3-synth")  # cached: neither counted nor waited for
+    first = p.started("4-align")
+    assert first.startswith("stage 1 of 2,") and first.endswith(
+        f"about {_minutes(EXPECTED_S['4-align'] + EXPECTED_S['5-eval'])} left")
+    p.finished("4-align", 2 * EXPECTED_S["4-align"])  # this machine runs at half the reference speed
+    assert p.started("5-eval").endswith(f"about {_minutes(2 * EXPECTED_S['5-eval'])} left")
+    assert p.started("round-0").endswith("elapsed")  # a nested stage outside the plan
+    assert _minutes(125) == "2m05s"

@@ -74,9 +74,9 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mmpref.demo.pipeline import run_seed
+    from mmpref.demo.pipeline import run_seed, stage_plan
     from mmpref.demo.report import write_report
-    from mmpref.demo.stages import DemoConfig, set_threads
+    from mmpref.demo.stages import PROGRESS, DemoConfig, set_threads
 
     threads = set_threads()
     config = resolve_config(args.config) if args.config else \
@@ -92,6 +92,7 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     mode = ("quick" if args.quick else "default") + (f", scale {args.scale:g}" if args.scale != 1 else "")
     print(f"mmpref demo ({mode}): config {config}, output {out}/, {threads} torch thread(s)")
     results, timings = {}, {}
+    PROGRESS.plan(stage_plan(cfg, args.seeds))
     for seed in range(cfg.seed, cfg.seed + args.seeds):
         start = time.perf_counter()
         results[seed] = run_seed(cfg, out, seed)

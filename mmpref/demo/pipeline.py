@@ -578,19 +578,10 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
             write_val_captions(cfg, run, seed)
         scenes = [Scene.from_dict(d) for d in read_jsonl(captions)]
         n = cfg.eval.samples_per_caption
-        prompts = [s.caption for s in scenes for _ in range(n)]
         rows: dict[str, list[dict]] = {}
         for name, path in models.items():
             pipe = load_demo_pipeline(path)
-            mels = generate_mels(pipe, prompts, seed + 99, cfg, desc=f"eval {name}")
-            waves = pipe.mel_to_wave(mels).numpy()
-            clap_scores = clap.score(prompts, list(waves), 16000)
-            per_sample = []
-            for i, (prompt, mel) in enumerate(zip(prompts, mels)):
-                m = judge.score(None, scenes[i // n], logmel=mel)
-                per_sample.append({**m, "clap": float(clap_scores[i]), "caption": prompt,
-                                   "events": len(scenes[i // n].events)})
-            rows[name] = per_sample
+            rows[name], waves = judged_samples(pipe, judge, clap, scenes, n, seed + 99, cfg, f"eval {name}")
             ex = run / folder / "wav" / name
             for i in range(min(cfg.eval.wav_examples, len(scenes))):
                 save_audio(ex / f"{i:02d}.wav", waves[i * n], 16000)
@@ -605,6 +596,54 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
     name = "5-eval" if cfg.eval.split == "heldout" else f"5-eval-{cfg.eval.split}"
     # a changed model set or recipe re-runs the evaluation in a clean folder (it holds nothing else)
     return run_stage(run, name, evaluate, settings=stage_settings(cfg, name), stage_dir=run / folder)
+
+
+def judged_samples(pipe, judge, clap, scenes: list, n: int, seed: int, cfg: DemoConfig,
+                   desc: str) -> tuple[list[dict], np.ndarray]:
+    """``n`` samples of every scene's caption (sample ``i`` seeded by ``(seed, i)``), each scored by the judge
+    (from the generated log-mel) and by CLAP (from its Griffin-Lim wave); returns the rows and the waves."""
+    prompts = [s.caption for s in scenes for _ in range(n)]
+    mels = generate_mels(pipe, prompts, seed, cfg, desc=desc)
+    waves = pipe.mel_to_wave(mels).numpy()
+    clap_scores = clap.score(prompts, list(waves), 16000)
+    rows = [{**judge.score(None, scenes[i // n], logmel=mel), "clap": float(clap_scores[i]), "caption": prompt,
+             "events": len(scenes[i // n].events)} for i, (prompt, mel) in enumerate(zip(prompts, mels))]
+    return rows, waves
+
+
+def rounds_val_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, base_dir: str) -> dict:
+    """The judge's view of the online arm round by round: event recall, order accuracy and CLAP of each round's
+    policy (round 0: the base) on the validation captions, ``rounds_eval.samples_per_caption`` samples each.
+    Validation, not held-out: a curve to read while choosing recipes. Only the perturbed-loser arm keeps each
+    round's policy (its rounds are separate runs)."""
+    from mmpref.demo.judge import Judge
+    from mmpref.demo.world import Scene
+
+    folder = run / "online"
+
+    def measure() -> dict:
+        from mmpref.demo.report import per_caption
+        from mmpref.scoring.clap import ClapScorer
+
+        judge, clap = Judge.load(judge_path), ClapScorer(str(run / "clap"))
+        if not (run / "captions" / "val.jsonl").exists():
+            write_val_captions(cfg, run, seed)
+        scenes = [Scene.from_dict(d) for d in read_jsonl(run / "captions" / "val.jsonl")]
+        policies = [base_dir] + [json.loads((folder / f"round-{k}.done.json").read_text())["final_dir"]
+                                 for k in range(cfg.online.rounds)]
+        rounds = []
+        for k, path in enumerate(policies):
+            n = cfg.rounds_eval.samples_per_caption
+            rows, _ = judged_samples(load_demo_pipeline(path), judge, clap, scenes, n, seed + 77, cfg,
+                                     f"round {k} (val)")
+            rounds.append({"round": k, **{m: float(np.nanmean(per_caption(rows, n, m)))
+                                          for m in ("event_recall", "order_accuracy", "clap")}})
+        return {"rounds": rounds, "line": "validation captions by online round (0 = base): event recall "
+                + " -> ".join(f"{r['event_recall']:.3f}" for r in rounds) + ", order accuracy "
+                + " -> ".join(f"{r['order_accuracy']:.3f}" for r in rounds)}
+
+    return run_stage(run, "5-rounds-val", measure, settings=stage_settings(cfg, "5-rounds-val"),
+                     stage_dir=run / "rounds_val")
 
 
 def _eval_line(summary: dict) -> str:
@@ -625,6 +664,18 @@ def _eval_line(summary: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # One seed end to end
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def stage_plan(cfg: DemoConfig, seeds: int) -> list[str]:
+    """The stages :func:`run_seed` runs, in order, for ``seeds`` seeds (the progress line's plan)."""
+    one = ["1-corpus", "2a-vae", "2b-pipeline", "2c-unet", "2d-clap", "3-synth", "4-align"]
+    one += ["4b-sft_more"] * cfg.sft_more + ["4c-online"] * cfg.online.enabled + ["judge", "5-eval"]
+    one += ["5-rounds-val"] * _rounds_val_wanted(cfg)
+    return one * seeds
+
+
+def _rounds_val_wanted(cfg: DemoConfig) -> bool:
+    return cfg.online.enabled and cfg.online.losers_from == "perturbed" and cfg.rounds_eval.samples_per_caption > 0
 
 
 def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
@@ -650,6 +701,8 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
         models["online"] = stages["online"]["final_dir"]
     stages["judge"] = judge_stage(cfg, out)  # the measuring instrument: needed from here on only
     stages["eval"] = eval_stage(cfg, run, seed, out / "judge" / "judge.pt", models)
+    if _rounds_val_wanted(cfg):
+        stages["rounds_val"] = rounds_val_stage(cfg, run, seed, out / "judge" / "judge.pt", base)
     return stages
 
 

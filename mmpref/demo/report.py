@@ -121,10 +121,13 @@ def plot_before_after(summary: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_online_rounds(rounds: list[dict], path: Path) -> Path:
-    """The online arm's CLAP reward by round: all of the round's samples, and its winners."""
+def plot_online_rounds(rounds: list[dict], path: Path, val: list[dict] | None = None) -> Path:
+    """The online arm by round: CLAP reward of the round's own samples and of its winners (left); with ``val``,
+    the judge's event recall and order accuracy of each round's policy on the validation captions (right; round
+    0 is the base)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5.5, 3.2), squeeze=False)
+    ax = axes[0][0]
     x = [r["round"] for r in rounds]
     ax.plot(x, [r["reward_mean"] for r in rounds], marker="o", label="all samples")
     ax.plot(x, [r["winner_mean"] for r in rounds], marker="s", label="winners")
@@ -133,6 +136,16 @@ def plot_online_rounds(rounds: list[dict], path: Path) -> Path:
     ax.set_xticks(x)
     ax.legend()
     ax.grid(alpha=0.3)
+    if val:
+        ax = axes[0][1]
+        x = [r["round"] for r in val]
+        ax.plot(x, [r["event_recall"] for r in val], marker="o", label="event recall")
+        ax.plot(x, [r["order_accuracy"] for r in val], marker="s", label="order accuracy")
+        ax.set_xlabel("policy after round (0 = base)")
+        ax.set_ylabel("judge, validation captions")
+        ax.set_xticks(x)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -230,7 +243,8 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
                                out / "plots" / "clap_hist.png"),
     }
     if first.get("online", {}).get("rounds"):
-        plots["online_rounds"] = plot_online_rounds(first["online"]["rounds"], out / "plots" / "online_rounds.png")
+        plots["online_rounds"] = plot_online_rounds(first["online"]["rounds"], out / "plots" / "online_rounds.png",
+                                                    first.get("rounds_val", {}).get("rounds"))
     report = {
         "mode": mode,
         "config": cfg_dict,
@@ -241,6 +255,7 @@ def write_report(out: Path, results: dict[int, dict], cfg_dict: dict, timings: d
                            "target_met": {arm: meets_target(r["eval"], arm) for arm in ARMS
                                           if arm in r["eval"]["models"]},
                            "online_rounds": r.get("online", {}).get("rounds"),
+                           "rounds_val": r.get("rounds_val", {}).get("rounds"),
                            "stages": {k: {"line": v.get("line", ""), "seconds": v.get("seconds")}
                                       for k, v in r.items()}}
                   for s, r in results.items()},
@@ -299,6 +314,10 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
             lines += ["", "Online rounds (CLAP reward of the policy's own samples; each round draws other captions): "
                       + "; ".join(f"round {x['round']}: mean {x['reward_mean']:.3f}, winners {x['winner_mean']:.3f}"
                                   for x in r["online_rounds"])]
+        if r.get("rounds_val"):
+            lines += ["", "Each round's policy on the validation captions (judge; round 0 = base): "
+                      + "; ".join(f"round {x['round']}: recall {x['event_recall']:.3f}, order "
+                                  f"{x['order_accuracy']:.3f}, CLAP {x['clap']:.3f}" for x in r["rounds_val"])]
         lines += ["", "Stages:", ""]
         lines += [f"- {k}: {v['line']} ({v['seconds']:.0f} s)" for k, v in r["stages"].items()
                   if v.get("seconds") is not None]

@@ -123,6 +123,13 @@ class EvalConfig:
 
 
 @dataclass
+class RoundsEvalConfig:
+    """The per-round curve of the online arm on the validation captions (0 samples: not measured)."""
+
+    samples_per_caption: int = 0
+
+
+@dataclass
 class DemoConfig:
     """Everything the demo does; ``configs/demo.yaml`` (default) and ``configs/demo_quick.yaml`` (``--quick``)."""
 
@@ -145,6 +152,7 @@ class DemoConfig:
     # alignment's steps, batch and optimizer (the gain that more training alone buys)
     sft_more: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rounds_eval: RoundsEvalConfig = field(default_factory=RoundsEvalConfig)
 
     def scaled(self, factor: float) -> DemoConfig:
         """Data sizes and training steps times ``factor`` (``--scale``: bigger runs for machines with a GPU)."""
@@ -197,6 +205,7 @@ STAGE_INPUTS: dict[str, list[str]] = {
     "4b-sft_more": _SYNTH + ["align", "sft_more"],
     "4c-online": _BASE_MODEL + ["clap", "generation", "online"],
     "5-eval": _SYNTH + ["align", "online", "sft_more", "eval"],
+    "5-rounds-val": _BASE_MODEL + ["clap", "generation", "online", "rounds_eval"],
 }
 
 
@@ -227,6 +236,7 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
         done = json.loads(marker.read_text())
         same = settings is None or done.get("settings") == current
         if same and _outputs_exist(done):
+            PROGRESS.skipped(name)
             log(f"[{name}] cached ({done['seconds']:.0f} s when run): {done['line']}")
             return done
         if not same and stage_dir is None:
@@ -242,6 +252,7 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
             shutil.rmtree(stage_dir, ignore_errors=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(tag, current)
+    log(f"[{name}] running ({PROGRESS.started(name)})")
     start = time.perf_counter()
     summary = fn()
     done = {**summary, "seconds": round(time.perf_counter() - start, 1)}
@@ -249,8 +260,59 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
     if settings is not None:
         done["settings"] = settings
     write_json_atomic(marker, done)
+    PROGRESS.finished(name, done["seconds"])
     log(f"[{name}] {done['seconds']:.0f} s: {done['line']}")
     return done
+
+
+# Seconds each stage of the default audio demo (configs/demo.yaml) took on the 2-core CPU of the README's
+# measurement (stage markers of `mmpref demo --out /tmp/fresh`, 2026-12-03): the ETA's prior, rescaled as stages
+# finish by how fast this machine turns out to be. Nested stages (online rounds) are inside their parent's time.
+EXPECTED_S = {"judge": 120, "1-corpus": 3, "2a-vae": 60, "2b-pipeline": 25, "2c-unet": 150, "2d-clap": 28,
+              "3-synth": 150, "4-align": 150, "4b-sft_more": 40, "4c-online": 330, "5-eval": 420,
+              "5-rounds-val": 60}
+
+
+class Progress:
+    """Which stage of how many is running, time elapsed and an estimate of the time left (see :data:`EXPECTED_S`).
+    :meth:`plan` names the stages to come (every seed's); a stage outside the plan (a nested one) only shows the
+    elapsed time."""
+
+    def __init__(self) -> None:
+        self.start, self.todo, self.total = time.perf_counter(), [], 0
+        self.expected_done = self.actual_done = 0.0
+
+    def plan(self, names: Sequence[str]) -> None:
+        self.__init__()
+        self.todo, self.total = list(names), len(names)
+
+    def skipped(self, name: str) -> None:
+        """A cached stage: nothing to wait for."""
+        if name in self.todo:
+            self.todo.remove(name)
+            self.total -= 1
+
+    def started(self, name: str) -> str:
+        elapsed = time.perf_counter() - self.start
+        if name not in self.todo:
+            return f"{_minutes(elapsed)} elapsed"
+        self.todo.remove(name)
+        speed = self.actual_done / self.expected_done if self.expected_done else 1.0
+        left = speed * (EXPECTED_S.get(name, 0) + sum(EXPECTED_S.get(n, 0) for n in self.todo))
+        return (f"stage {self.total - len(self.todo)} of {self.total}, {_minutes(elapsed)} elapsed, "
+                f"about {_minutes(left)} left")
+
+    def finished(self, name: str, seconds: float) -> None:
+        if name in EXPECTED_S:
+            self.expected_done += EXPECTED_S[name]
+            self.actual_done += seconds
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+PROGRESS = Progress()
 
 
 def _outputs_exist(done: dict) -> bool:
