@@ -126,23 +126,18 @@ def plot_online_rounds(rounds: list[dict], path: Path, val: list[dict] | None = 
     the judge's event recall and order accuracy of each round's policy on the validation captions (right; round
     0 is the base)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5.5, 3.2), squeeze=False)
-    ax = axes[0][0]
-    x = [r["round"] for r in rounds]
-    ax.plot(x, [r["reward_mean"] for r in rounds], marker="o", label="all samples")
-    ax.plot(x, [r["winner_mean"] for r in rounds], marker="s", label="winners")
-    ax.set_xlabel("round (each on other captions)")
-    ax.set_ylabel("CLAP reward")
-    ax.set_xticks(x)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    panels = [(rounds, (("reward_mean", "all samples"), ("winner_mean", "winners")),
+               "round (each on other captions)", "CLAP reward")]
     if val:
-        ax = axes[0][1]
-        x = [r["round"] for r in val]
-        ax.plot(x, [r["event_recall"] for r in val], marker="o", label="event recall")
-        ax.plot(x, [r["order_accuracy"] for r in val], marker="s", label="order accuracy")
-        ax.set_xlabel("policy after round (0 = base)")
-        ax.set_ylabel("judge, validation captions")
+        panels.append((val, (("event_recall", "event recall"), ("order_accuracy", "order accuracy")),
+                       "policy after round (0 = base)", "judge, validation captions"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.2), squeeze=False)
+    for ax, (points, series, xlabel, ylabel) in zip(axes[0], panels):
+        x = [r["round"] for r in points]
+        for (key, label), marker in zip(series, "os"):
+            ax.plot(x, [r[key] for r in points], marker=marker, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_xticks(x)
         ax.legend()
         ax.grid(alpha=0.3)
