@@ -10,13 +10,16 @@ engine. Greedy generations on held-out prompts are scored before and after align
 item recall) with bootstrap confidence intervals, and written to ``report.md`` / ``report.json``.
 
 A compute-matched control continues SFT on the gold answers for as many steps as the alignment took, so the report
-shows whether the preference loss beats simply training longer (``eval.control`` in the config). An online arm
-(``eval.online``; the ``online`` section, an ``mmpref train`` config with an ``online:`` part) trains the SFT model on
-its own samples for the training prompts, judged each step by the task's rule (:func:`rule_reward`), with online DPO.
+shows whether the preference loss beats simply training longer (``eval.control`` in the config). The online arms
+(``eval.online``; the ``online_arms`` section, each an ``mmpref train`` config with an ``online:`` part) train the
+SFT model on its own samples for the training prompts: online DPO, RSO and SPPO judged by the task's rule
+(:func:`rule_reward`), and RSO judged by a reward model the demo trains on perturbed-answer pairs
+(:mod:`mmpref.demo.text_reward`) and the library loads with ``from_pretrained``.
 Every model is scored on validation prompts (for choosing settings) and on held-out prompts (the report's verdict).
 
-Stages (data, model, sft, align, control, eval) are cached in the output directory under a fingerprint of everything
-they depend on, so a rerun skips finished stages and an interrupted training resumes from its checkpoint.
+Stages (data, model, sft, align, control, reward model, online arms, eval) are cached in the output directory under
+a fingerprint of everything they depend on, so a rerun skips finished stages and an interrupted training resumes
+from its checkpoint.
 """
 
 from __future__ import annotations
