@@ -266,11 +266,11 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
 
 
 # Seconds each stage of the default audio demo (configs/demo.yaml) took on the 2-core CPU of the README's
-# measurement (stage markers of `mmpref demo --out /tmp/fresh`, 2026-12-03): the ETA's prior, rescaled as stages
-# finish by how fast this machine turns out to be. Nested stages (online rounds) are inside their parent's time.
-EXPECTED_S = {"judge": 120, "1-corpus": 3, "2a-vae": 60, "2b-pipeline": 25, "2c-unet": 150, "2d-clap": 28,
-              "3-synth": 150, "4-align": 150, "4b-sft_more": 40, "4c-online": 330, "5-eval": 420,
-              "5-rounds-val": 60}
+# measurement (stage markers of a fresh `mmpref demo`, 2026-12-03: 39 minutes in all): the ETA's prior, rescaled as
+# stages finish by how fast this machine turns out to be. Nested stages (online rounds) are inside their parent's time.
+EXPECTED_S = {"judge": 126, "1-corpus": 3, "2a-vae": 115, "2b-pipeline": 33, "2c-unet": 213, "2d-clap": 56,
+              "3-synth": 358, "4-align": 220, "4b-sft_more": 71, "4c-online": 569, "5-eval": 491,
+              "5-rounds-val": 77}
 
 
 class Progress:
