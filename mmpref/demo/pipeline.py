@@ -631,9 +631,8 @@ def rounds_val_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, ba
         scenes = [Scene.from_dict(d) for d in read_jsonl(run / "captions" / "val.jsonl")]
         policies = [base_dir] + [json.loads((folder / f"round-{k}.done.json").read_text())["final_dir"]
                                  for k in range(cfg.online.rounds)]
-        rounds = []
+        rounds, n = [], cfg.rounds_eval.samples_per_caption
         for k, path in enumerate(policies):
-            n = cfg.rounds_eval.samples_per_caption
             rows, _ = judged_samples(load_demo_pipeline(path), judge, clap, scenes, n, seed + 77, cfg,
                                      f"round {k} (val)")
             rounds.append({"round": k, **{m: float(np.nanmean(per_caption(rows, n, m)))
