@@ -174,22 +174,11 @@ def reward_model_stage(rcfg: dict, task: dict, sft_dir: str, data_dir: Path, out
     vals = [Example(r["prompt"], tuple(r["gold"])) for r in read_jsonl(data_dir / "val.jsonl")]
     val_pairs = preference_pairs(vals, every, random.Random(f"{seed}-reward-val"))
     result = train_reward_model(sft_dir, pairs, val_pairs, out, rcfg["steps"], rcfg["batch_size"], rcfg["lr"], seed)
-    by_kind = {k: pair_accuracy_of(out, [p for p in val_pairs if p["perturbation"] == k])
-               for k in task["perturbations"]}
-    return {**result, "pairs": len(pairs), "val_accuracy_by_perturbation": by_kind, "path": str(out)}, (
+    by_kind = result["val_accuracy_by_perturbation"]
+    return {**result, "pairs": len(pairs), "path": str(out)}, (
         f"{result['steps']} Bradley-Terry steps on {len(pairs)} pairs, pair accuracy train "
         f"{result['train_accuracy']:.3f}, validation {result['val_accuracy']:.3f} "
         f"({', '.join(f'{k} {v:.2f}' for k, v in by_kind.items())})")
-
-
-def pair_accuracy_of(model_dir: Path, pairs: list[dict]) -> float:
-    """:func:`mmpref.demo.text_reward.pair_accuracy` of a saved reward model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from mmpref.demo.text_reward import pair_accuracy
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    return pair_accuracy(model, AutoTokenizer.from_pretrained(model_dir), pairs)
 
 
 # ----- scoring ------------------------------------------------------------------------------------------------------

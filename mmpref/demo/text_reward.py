@@ -1,7 +1,8 @@
 """The text demo's reward model: a tiny ``AutoModelForSequenceClassification`` trained on the preference pairs.
 
-The online arms that need a learned judge (RSO, SPPO) score the policy's samples with it through the library's
-``online.judge: {kind: reward_model}``, which loads it with ``from_pretrained``, exactly as a user's reward model.
+An online arm whose judge is ``demo:reward_model`` (RSO in ``configs/demo_text.yaml``: ``rso_rm``) scores the
+policy's samples with it through the library's ``online.judge: {kind: reward_model}``, which loads it with
+``from_pretrained``, exactly as a user's reward model.
 
 Bradley-Terry reward modelling (``-log sigmoid(r(x, y_w) - r(x, y_l))``) is what TRL's ``RewardTrainer`` does; TRL is
 not a dependency of mmpref, and for a ~100k-parameter model the loop below (sample a batch of pairs, one Adam step)
@@ -46,7 +47,8 @@ def pair_accuracy(model, tokenizer, pairs: Sequence[dict], batch_size: int = 256
 def train_reward_model(init_dir: str | Path, pairs: Sequence[dict], val_pairs: Sequence[dict], out: Path,
                        steps: int, batch_size: int, lr: float, seed: int) -> dict:
     """Train with the Bradley-Terry loss on ``pairs`` and save the model and tokenizer to ``out`` (atomically);
-    returns the loss curve's ends and the pair accuracy on ``pairs`` and ``val_pairs``."""
+    returns the loss curve's ends and the pair accuracy on ``pairs`` and ``val_pairs`` (also per ``perturbation``
+    of the validation pairs)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -78,7 +80,10 @@ def train_reward_model(init_dir: str | Path, pairs: Sequence[dict], val_pairs: S
     result = {"steps": steps, "first_loss": losses[0] if losses else None,
               "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
               "train_accuracy": pair_accuracy(model, tokenizer, pairs), "val_accuracy": pair_accuracy(
-                  model, tokenizer, val_pairs)}
+                  model, tokenizer, val_pairs),
+              "val_accuracy_by_perturbation": {k: pair_accuracy(model, tokenizer, [p for p in val_pairs if
+                                                                                 p.get("perturbation") == k])
+                                               for k in dict.fromkeys(p.get("perturbation") for p in val_pairs)}}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
