@@ -154,7 +154,7 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
         else:
             assert judge["path"] == "mmpref.demo.text:rule_reward"
         assert arm_cfg["online"]["builder"] == builder and report["online_steps"][arm] == 4
-        assert arm_cfg["online"]["prompts"] == str(out / "data" / "sft.jsonl")
+        assert arm_cfg["online"]["prompts"] == str(out / "data" / "online.jsonl")
     assert report["reward_model"]["steps"] == 20 and 0 <= report["reward_model"]["val_accuracy"] <= 1
     assert (out / "sppo" / "rollouts" / "round-0001" / "complete").exists()  # its second round ran
     assert "| exact_match |" in (out / "report.md").read_text()
@@ -173,6 +173,12 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
     val_prompts = {json.loads(line)["prompt"] for line in (out / "data" / "val.jsonl").read_text().splitlines()}
     assert not train_prompts & eval_prompts  # held out
     assert len(val_prompts) == report["data"]["val_prompts"] and not val_prompts & (train_prompts | eval_prompts)
+    # the online arms' prompts have no answers and meet no other set
+    online_rows = [json.loads(line) for line in (out / "data" / "online.jsonl").read_text().splitlines()]
+    online_prompts = {r["prompt"] for r in online_rows}
+    assert all(set(r) == {"prompt"} for r in online_rows)
+    assert len(online_prompts) == report["data"]["online_prompts"] == TASK["online_prompts"] > 0
+    assert not online_prompts & (train_prompts | eval_prompts | val_prompts)
     capsys.readouterr()
 
     # an unpaired loss on the same pairs; data, model and SFT stages come from the cache
@@ -226,6 +232,19 @@ def test_stages_cache_by_fingerprint_and_rerun_when_stale(tmp_path):
     (tmp_path / "s.done.json").unlink()
     text.run_cached(tmp_path, "s", "k3", stage("f"))
     assert not (tmp_path / "s" / "e.txt").exists() and calls == ["a", "c", "d", "e", "f"]
+
+
+def test_without_an_online_pool_the_arms_answer_the_sft_prompts(tmp_path):
+    cfg = load_demo_config(DEFAULT_CONFIG, quick=True, loss="dpo", settings=["task.online_prompts=0"])
+    data = text.build_data(cfg, 3, tmp_path)[0]
+    sft = [json.loads(line)["prompt"] for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    online = [json.loads(line)["prompt"] for line in (tmp_path / "online.jsonl").read_text().splitlines()]
+    assert online == sft and data["online_prompts"] == len(sft) == cfg["task"]["train_prompts"]
+    # the pool has its own generator: adding one leaves every other set as it was
+    with_pool = load_demo_config(DEFAULT_CONFIG, quick=True, loss="dpo", settings=["task.online_prompts=50"])
+    text.build_data(with_pool, 3, tmp_path / "pool")
+    for name in ("sft.jsonl", "prefs.jsonl", "eval.jsonl", "val.jsonl"):
+        assert (tmp_path / "pool" / name).read_text() == (tmp_path / name).read_text()
 
 
 def test_report_comparisons_and_which_arms_beat_the_control():

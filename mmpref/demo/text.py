@@ -2,8 +2,9 @@
 
 A prompt asks for a list of items in an order (``"list: red, cat, seven =>"`` or ``"list in reverse: ..."``); the
 gold answer lists them in that order (``" red, cat, seven"``). A tiny Llama with a locally trained tokenizer is
-trained from scratch with a deliberately short SFT run (the ``sft`` loss through :func:`mmpref.training.train`), so
-it still omits, replaces and reorders items. Preference pairs put the gold answer above a perturbed one (omission,
+trained from scratch by SFT on a few hundred demonstrations (the ``sft`` loss through :func:`mmpref.training.train`;
+the step count is the best on validation prompts, more overfits), so it still omits, replaces and reorders items on
+prompts it has not seen. Preference pairs put the gold answer above a perturbed one (omission,
 replacement, reordering: the caption perturbations of the audio demo), and the SFT model is aligned with DPO, or any
 loss of the core (``--loss``; unpaired kto/bco read the pairs as desirable/undesirable rows), through the same
 engine. Greedy generations on held-out prompts are scored before and after alignment (exact match, order accuracy,
@@ -12,8 +13,9 @@ item recall) with bootstrap confidence intervals, and written to ``report.md`` /
 A compute-matched control continues SFT on the gold answers for as many steps as the alignment took, so the report
 shows whether the preference loss beats simply training longer (``eval.control`` in the config). The online arms
 (``eval.online``; the ``online_arms`` section, each an ``mmpref train`` config with an ``online:`` part) train the
-SFT model on its own samples for the training prompts: online DPO, RSO and SPPO judged by the task's rule
-(:func:`rule_reward`), and RSO judged by a reward model the demo trains on perturbed-answer pairs
+SFT model on its own samples for prompts that have no gold answer (``task.online_prompts``; demonstrations are the
+scarce part, a judge scores an answer to any prompt; 0 uses the SFT prompts): online DPO, RSO and SPPO judged by the
+task's rule (:func:`rule_reward`), and RSO judged by a reward model the demo trains on perturbed-answer pairs
 (:mod:`mmpref.demo.text_reward`) and the library loads with ``from_pretrained``.
 Every model is scored on validation prompts (for choosing settings) and on held-out prompts (the report's verdict).
 
@@ -241,6 +243,14 @@ def build_data(cfg: dict, seed: int, out: Path) -> tuple[dict, str]:
         vals += [ex for ex in make_examples(task, task["val_prompts"], vrng) if ex.prompt not in seen]
         seen |= {ex.prompt for ex in vals}
     vals = vals[: task["val_prompts"]]
+    # prompts without answers for the online arms (the judge scores any answer; demonstrations are the scarce part);
+    # their own generator, disjoint from the held-out and validation prompts; none: the arms use the SFT prompts
+    pool: list[Example] = []
+    prng, seen = random.Random(f"{seed}-online"), seen | {ex.prompt for ex in vals}
+    while len(pool) < task.get("online_prompts", 0):
+        pool += [ex for ex in make_examples(task, task["online_prompts"], prng) if ex.prompt not in seen]
+        seen |= {ex.prompt for ex in pool}
+    pool = pool[: task.get("online_prompts", 0)]
     pairs = preference_pairs(train, task, rng)
     # the SFT run reads the same pair layout (its loss only uses the winner); one row per prompt
     write_jsonl_atomic(out / "sft.jsonl", [{"prompt": e.prompt, "chosen": e.answer, "rejected": format_answer(
@@ -248,10 +258,13 @@ def build_data(cfg: dict, seed: int, out: Path) -> tuple[dict, str]:
     write_jsonl_atomic(out / "prefs.jsonl", pairs)
     write_jsonl_atomic(out / "eval.jsonl", [{"prompt": e.prompt, "gold": list(e.gold)} for e in evals])
     write_jsonl_atomic(out / "val.jsonl", [{"prompt": e.prompt, "gold": list(e.gold)} for e in vals])
+    write_jsonl_atomic(out / "online.jsonl", [{"prompt": e.prompt} for e in pool] if pool else
+                       [{"prompt": e.prompt} for e in train])
     counts = {k: sum(r["perturbation"] == k for r in pairs) for k in task["perturbations"]}
     return {"train_prompts": len(train), "pairs": len(pairs), "eval_prompts": len(evals), "val_prompts": len(vals),
-            "perturbations": counts}, (f"{len(train)} SFT prompts, {len(pairs)} preference pairs {counts}, "
-                                       f"{len(vals)} validation and {len(evals)} held-out prompts")
+            "online_prompts": len(pool) or len(train), "perturbations": counts}, (
+        f"{len(train)} SFT prompts, {len(pairs)} preference pairs {counts}, {len(vals)} validation and "
+        f"{len(evals)} held-out prompts, {len(pool) or len(train)} prompts for the online arms")
 
 
 def build_model(cfg: dict, seed: int, data_dir: Path, out: Path) -> tuple[dict, str]:
@@ -536,7 +549,7 @@ def run(args: argparse.Namespace) -> dict:
             key_arm = fingerprint(key_sft, arm, key_rm if _uses_reward_model(arm) else None)
             arm = _with_reward_model(arm, rm["path"] if rm else None)
             result = run_cached(out, name, key_arm, lambda arm=arm, name=name: run_training(
-                arm, sft["final"], out / "data" / "sft.jsonl", out / name, seed))
+                arm, sft["final"], out / "data" / "online.jsonl", out / name, seed))
             models[name], online_steps[name] = (key_arm, result["final"]), result["steps"]
     rows, val_rows = ({name: run_cached(out, f"{split}_{name}", fingerprint(key, cfg["eval"]),
                                         lambda path=path, ex=ex: evaluate(path, ex, cfg["eval"]))["rows"]
