@@ -157,7 +157,9 @@ def test_quick_demo_end_to_end_dpo_then_kto_reusing_the_sft_stage(tmp_path, caps
         assert arm_cfg["online"]["prompts"] == str(out / "data" / "online.jsonl")
     assert report["reward_model"]["steps"] == 20 and 0 <= report["reward_model"]["val_accuracy"] <= 1
     assert (out / "sppo" / "rollouts" / "round-0001" / "complete").exists()  # its second round ran
-    assert "| exact_match |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| exact_match |" in md
+    assert f"its own samples for {TASK['online_prompts']} prompts without gold answers" in md
     # the report's means are the means of the scored generations, and the scores are those of the outputs
     for name in ("sft", "aligned"):
         rows = json.loads((out / f"eval_{name}.done.json").read_text())["result"]["rows"]

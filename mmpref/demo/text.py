@@ -47,6 +47,7 @@ from mmpref.stats import bootstrap_ci, paired_difference
 from mmpref.yaml_config import RECIPES, apply_overrides, read_yaml, resolve_config, set_dotted
 
 DEFAULT_CONFIG = RECIPES / "demo_text.yaml"
+DATA_VERSION = 2  # 2: the online arms' prompts (online.jsonl); stages cached by an earlier version rerun
 PERTURBATIONS = ("omission", "replacement", "reordering")
 METRICS = ("exact_match", "order_accuracy", "item_recall")
 
@@ -262,7 +263,7 @@ def build_data(cfg: dict, seed: int, out: Path) -> tuple[dict, str]:
                        [{"prompt": e.prompt} for e in train])
     counts = {k: sum(r["perturbation"] == k for r in pairs) for k in task["perturbations"]}
     return {"train_prompts": len(train), "pairs": len(pairs), "eval_prompts": len(evals), "val_prompts": len(vals),
-            "online_prompts": len(pool) or len(train), "perturbations": counts}, (
+            "online_prompts": len(pool) or len(train), "online_pool": bool(pool), "perturbations": counts}, (
         f"{len(train)} SFT prompts, {len(pairs)} preference pairs {counts}, {len(vals)} validation and "
         f"{len(evals)} held-out prompts, {len(pool) or len(train)} prompts for the online arms")
 
@@ -295,7 +296,7 @@ def run_training(raw: dict, model_path: str, data_path: Path, out: Path, seed: i
 
     raw = copy.deepcopy(raw)
     raw["model"]["path"] = model_path
-    if "online" in raw:  # the policy's own samples for the training prompts
+    if "online" in raw:  # the policy's own samples for the online arms' prompts
         raw["online"]["prompts"] = str(data_path)
     else:
         raw["data"]["path"] = str(data_path)
@@ -409,7 +410,8 @@ def render_markdown(r: dict) -> str:
         "# mmpref text demo: ordered lists, SFT vs offline and online alignment",
         "",
         f"Loss `{r['loss']}`, seed {r['seed']}{' (--quick)' if r['quick'] else ''}; tiny Llama "
-        f"({r['model']['parameters'] / 1e3:.0f}k parameters) trained from scratch: {r['sft_steps']} SFT steps, then "
+        f"({r['model']['parameters'] / 1e3:.0f}k parameters) trained from scratch: {r['sft_steps']} SFT steps on "
+        f"{r['data']['train_prompts']} demonstrations, then "
         f"{r['align_steps']} `{r['loss']}` steps on {r['data']['pairs']} preference pairs "
         f"(perturbations {r['data']['perturbations']}).",
         f"Greedy generations on {r['data']['eval_prompts']} held-out prompts; 95% bootstrap intervals "
@@ -417,8 +419,10 @@ def render_markdown(r: dict) -> str:
         + (f" `SFT control` continues SFT on the gold answers for the same {r['align_steps']} steps as the alignment:"
            " the gain that more training alone buys." if control else ""),
     ]
+    prompts = (f"{r['data']['online_prompts']} prompts without gold answers" if r["data"].get("online_pool")
+               else "the SFT prompts")
     for name, steps in (r.get("online_steps") or {}).items():
-        lines.append(f"- {title(name)}: {steps} steps from the SFT model on its own samples for the training prompts, "
+        lines.append(f"- {title(name)}: {steps} steps from the SFT model on its own samples for {prompts}, "
                      f"judged by {r['online_judges'].get(name, '?')} (no preference pairs).")
     if r.get("reward_model"):
         rm = r["reward_model"]
@@ -517,7 +521,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_demo_config(resolve_config(args.config), args.quick, args.loss, args.set)
     out = claim_folder(args.out, "mmpref demo --modality text", "--out", legacy=_written_by_the_text_demo)
     seed = args.seed
-    key_data = fingerprint(cfg["task"], seed)
+    key_data = fingerprint(cfg["task"], seed, DATA_VERSION)
     data = run_cached(out, "data", key_data, lambda: build_data(cfg, seed, out / "data"))
     key_model = fingerprint(key_data, cfg["model"])
     model = run_cached(out, "model", key_model, lambda: build_model(cfg, seed, out / "data", out / "model" / "init"))
