@@ -80,7 +80,9 @@ def test_folder_round_trips_through_diffusers(pipe, tmp_path):
     assert again.tokenizer(PROMPTS[0])["input_ids"] == pipe.tokenizer(PROMPTS[0])["input_ids"]
     assert again.clap_tokenizer(PROMPTS[0])["input_ids"] == pipe.clap_tokenizer(PROMPTS[0])["input_ids"]
     kw = {"duration_s": 1.0, "num_inference_steps": 3, "guidance_scale": 3.0, "seed": 1}
-    np.testing.assert_array_equal(again(PROMPTS[:2], **kw), pipe(PROMPTS[:2], **kw))
+    # every weight is bitwise equal (above); the waves may differ in the last float bit, since which SIMD kernel
+    # runs can depend on where a loaded tensor sits in memory (seen on one CPU: 6e-8 on values near 0.3)
+    np.testing.assert_allclose(again(PROMPTS[:2], **kw), pipe(PROMPTS[:2], **kw), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="ships its own tokenizers"):
         pipeline_from_pretrained(tmp_path / "m", tokenizer="tiny")
 

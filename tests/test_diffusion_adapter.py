@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers.fakes import FakeAccelerator
 
-from mmpref.adapters.diffusion import DiffusionAdapter, DiffusionModelConfig, prepare_wave
+from mmpref.adapters.diffusion import DiffusionAdapter, DiffusionModelConfig, load_pipeline, prepare_wave
 from mmpref.audio import save_audio
 from mmpref.config import LoraConfig, ReferenceConfig, TrainConfig
 from mmpref.data.audio import AudioPreferenceDataConfig, InvalidAudioError
@@ -247,9 +247,14 @@ def test_sft_phase_scores_winners_only(grouped):
     assert loss(scores).loss.item() == pytest.approx(0.5 * mse, rel=1e-5)
 
 
-def test_epsilon_prediction_target(sets, tmp_path):
-    adapter = make(sets["pairs"], tmp_path / "c", prediction_type="epsilon")
+def test_epsilon_prediction_target(sets, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="mmpref.adapters.diffusion"):
+        adapter = make(sets["pairs"], tmp_path / "c", prediction_type="epsilon")
     assert adapter.scheduler.config.prediction_type == "epsilon"
+    # the checkpoint said v_prediction: the override is announced, and online samples read the UNet the same way
+    assert "overrides the checkpoint's scheduler (v_prediction)" in caplog.text
+    assert adapter.pipe.scheduler.config.prediction_type == "epsilon"
+    assert type(adapter.pipe.scheduler) is type(load_pipeline(adapter.mcfg).scheduler)
     calls, handle = record_unet_calls(adapter.policy)
     batch = batch_of(adapter, 2)
     scores, _ = run_scores(adapter, batch, seed=2)

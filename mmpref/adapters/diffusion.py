@@ -243,6 +243,7 @@ class DiffusionAdapter(Adapter):
                                   "or data with losers")
         self.pipe = load_pipeline(self.mcfg)
         self.scheduler = _training_scheduler(self.pipe.scheduler, self.mcfg.prediction_type)
+        self.pipe.scheduler = _sampling_scheduler(self.pipe.scheduler, self.mcfg.prediction_type)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
         self.reference = self._build_reference()
@@ -720,6 +721,18 @@ def load_pipeline(mcfg: DiffusionModelConfig, path: str | None = None) -> Any:
                               f"({', '.join(preset_names())})")
     with loading(key, source, "a TangoPipeline / AudioLDM2Pipeline folder"):
         return pipeline_from_pretrained(source, tokenizer=mcfg.tokenizer)
+
+
+def _sampling_scheduler(scheduler: Any, prediction_type: str | None) -> Any:
+    """The pipeline's own sampler, reading the UNet's output as training teaches it to predict: without this, an
+    overridden ``model.prediction_type`` would train one parameterisation and draw online samples with another."""
+    own = scheduler.config.get("prediction_type")
+    if not prediction_type or own == prediction_type:
+        return scheduler
+    logger.warning("model.prediction_type: %s overrides the checkpoint's scheduler (%s): the UNet is trained to "
+                   "predict %s from here on, and is saved and sampled that way; set model.prediction_type: null to "
+                   "keep the checkpoint's", prediction_type, own, prediction_type)
+    return scheduler.__class__.from_config(scheduler.config, prediction_type=prediction_type)
 
 
 def _training_scheduler(scheduler: Any, prediction_type: str | None) -> Any:
