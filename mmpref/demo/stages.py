@@ -265,12 +265,13 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
     return done
 
 
-# Seconds each stage of the default audio demo (configs/demo.yaml) took on the 2-core CPU of the README's
-# measurement (stage markers of a fresh `mmpref demo`, 2026-12-03: 39 minutes in all): the ETA's prior, rescaled as
-# stages finish by how fast this machine turns out to be. Nested stages (online rounds) are inside their parent's time.
-EXPECTED_S = {"judge": 126, "1-corpus": 3, "2a-vae": 115, "2b-pipeline": 33, "2c-unet": 213, "2d-clap": 56,
-              "3-synth": 358, "4-align": 220, "4b-sft_more": 71, "4c-online": 569, "5-eval": 491,
-              "5-rounds-val": 77}
+# Seconds each stage of the default audio demo (configs/demo.yaml) took on a 2-core CPU (stage markers of a fresh
+# `mmpref demo` with the evaluation on the validation captions, the same work, 2026-12-03: 891 s in all): the ETA's
+# prior, rescaled as stages finish by how fast this machine turns out to be. Nested stages (online rounds) are inside
+# their parent's time.
+EXPECTED_S = {"judge": 42, "1-corpus": 1, "2a-vae": 40, "2b-pipeline": 11, "2c-unet": 84, "2d-clap": 19,
+              "3-synth": 134, "4-align": 105, "4b-sft_more": 30, "4c-online": 239, "5-eval": 155, "5-eval-val": 155,
+              "5-rounds-val": 28}
 
 
 class Progress:
