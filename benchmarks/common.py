@@ -52,6 +52,13 @@ def versions(*extra: str) -> dict[str, str | None]:
     return out
 
 
+def timed(fn: Any, *args: Any) -> tuple[Any, float, float]:
+    """``fn(*args)`` with the wall-clock and process CPU seconds it took (CPU > wall: several threads were busy)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - start, time.process_time() - cpu
+
+
 # ----- measuring one run (inside its own subprocess) ----------------------------------------------------------------
 def rss_bytes() -> int:
     """Current resident set size of this process."""

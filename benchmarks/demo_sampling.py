@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine_info, versions  # noqa: E402
+from common import machine_info, timed, versions  # noqa: E402
 
 from mmpref.io import write_json_atomic  # noqa: E402
 
@@ -71,11 +70,9 @@ def main() -> None:
     sample(args.batch_sizes[0])  # warm-up: first-call allocations and kernel selection
     rows, first = [], None
     for bs in args.batch_sizes:
-        start, cpu = time.perf_counter(), time.process_time()
-        mels = sample(bs)
-        wall = time.perf_counter() - start
+        mels, wall, cpu = timed(sample, bs)
         first = mels if first is None else first
-        rows.append({"batch_size": bs, "seconds": wall, "cpu_seconds": time.process_time() - cpu,
+        rows.append({"batch_size": bs, "seconds": wall, "cpu_seconds": cpu,
                      "samples_per_s": len(prompts) / wall,
                      "max_abs_diff_vs_first": float((mels - first).abs().max())})
     base = rows[0]["seconds"]

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine_info, versions  # noqa: E402
+from common import machine_info, timed, versions  # noqa: E402
 
 from mmpref.io import write_json_atomic  # noqa: E402
 
@@ -54,12 +53,10 @@ def main() -> None:
     invert("auto")  # warm-up: first-call allocations and FFT plans
     results, reference = [], None
     for rows in args.rows:
-        start, cpu = time.perf_counter(), time.process_time()
-        wave = invert(rows)
-        wall = time.perf_counter() - start
+        wave, wall, cpu = timed(invert, rows)
         reference = wave if reference is None else reference
         results.append({"rows_per_chunk": "whole batch" if rows == "0" else rows, "seconds": wall,
-                        "cpu_seconds": time.process_time() - cpu, "clips_per_s": args.clips / wall,
+                        "cpu_seconds": cpu, "clips_per_s": args.clips / wall,
                         "bitwise_equal_to_first": bool(torch.equal(wave, reference))})
     base = results[0]["seconds"]
     for r in results:
