@@ -31,7 +31,7 @@ def mel_to_magnitude(logmel: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
 # On a CPU the iterations run over a few rows at a time. A whole batch's spectra (about 1 MB per row and tensor for a
 # 2.56 s clip) do not stay in cache, so each of the loop's elementwise passes goes out to memory; a chunk of rows
 # stays in cache. Each row's arithmetic is its own, so the result does not change (bitwise on the CPUs measured);
-# 128 demo-length clips: 3.5x faster (benchmarks/griffin_lim.py, docs/benchmarks.md).
+# 128 demo-length clips: 3.7x faster (benchmarks/griffin_lim.py, docs/benchmarks.md).
 CHUNK_ELEMENTS = 2**19  # complex elements per spectrum in one chunk (rows = this // (bins x frames), at least 1)
 
 
