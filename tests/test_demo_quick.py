@@ -277,3 +277,15 @@ def test_progress_counts_stages_and_rescales_the_eta_by_the_measured_speed():
     assert p.started("5-eval").endswith(f"about {_minutes(2 * EXPECTED_S['5-eval'])} left")
     assert p.started("round-0").endswith("elapsed")  # a nested stage outside the plan
     assert _minutes(125) == "2m05s"
+    # tuning on validation captions: the plan names that evaluation stage, and it costs what the held-out one does
+    from dataclasses import replace
+
+    from mmpref.demo.pipeline import stage_plan
+    from mmpref.demo.stages import DemoConfig
+    from mmpref.yaml_config import RECIPES
+
+    cfg = DemoConfig.load(RECIPES / "demo.yaml")
+    val = replace(cfg, eval=replace(cfg.eval, split="val"))
+    assert "5-eval" in stage_plan(cfg, 1) and "5-eval-val" in stage_plan(val, 1) and "5-eval" not in stage_plan(val, 1)
+    p.plan(["5-eval-val"])
+    assert p.started("5-eval-val").endswith(f"about {_minutes(EXPECTED_S['5-eval'])} left")

@@ -28,6 +28,7 @@ from mmpref.audio import GriffinLimVocoder
 from mmpref.demo.stages import (
     DemoConfig,
     eval_folder,
+    eval_stage_name,
     heldout_seed,
     pref_seed,
     run_stage,
@@ -593,7 +594,7 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
 
     # the validation evaluation has its own folder and marker: tuning never overwrites the held-out result
     folder = eval_folder(cfg.eval.split)
-    name = "5-eval" if cfg.eval.split == "heldout" else f"5-eval-{cfg.eval.split}"
+    name = eval_stage_name(cfg.eval.split)
     # a changed model set or recipe re-runs the evaluation in a clean folder (it holds nothing else)
     return run_stage(run, name, evaluate, settings=stage_settings(cfg, name), stage_dir=run / folder)
 
@@ -668,7 +669,8 @@ def _eval_line(summary: dict) -> str:
 def stage_plan(cfg: DemoConfig, seeds: int) -> list[str]:
     """The stages :func:`run_seed` runs, in order, for ``seeds`` seeds (the progress line's plan)."""
     one = ["1-corpus", "2a-vae", "2b-pipeline", "2c-unet", "2d-clap", "3-synth", "4-align"]
-    one += ["4b-sft_more"] * cfg.sft_more + ["4c-online"] * cfg.online.enabled + ["judge", "5-eval"]
+    one += ["4b-sft_more"] * cfg.sft_more + ["4c-online"] * cfg.online.enabled
+    one += ["judge", eval_stage_name(cfg.eval.split)]
     one += ["5-rounds-val"] * _rounds_val_wanted(cfg)
     return one * seeds
 

@@ -270,7 +270,7 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
 # prior, rescaled as stages finish by how fast this machine turns out to be. Nested stages (online rounds) are inside
 # their parent's time.
 EXPECTED_S = {"judge": 42, "1-corpus": 1, "2a-vae": 40, "2b-pipeline": 11, "2c-unet": 84, "2d-clap": 19,
-              "3-synth": 134, "4-align": 105, "4b-sft_more": 30, "4c-online": 239, "5-eval": 155, "5-eval-val": 155,
+              "3-synth": 134, "4-align": 105, "4b-sft_more": 30, "4c-online": 239, "5-eval": 155,
               "5-rounds-val": 28}
 
 
@@ -299,13 +299,13 @@ class Progress:
             return f"{_minutes(elapsed)} elapsed"
         self.todo.remove(name)
         speed = self.actual_done / self.expected_done if self.expected_done else 1.0
-        left = speed * (EXPECTED_S.get(name, 0) + sum(EXPECTED_S.get(n, 0) for n in self.todo))
+        left = speed * (_expected(name) + sum(_expected(n) for n in self.todo))
         return (f"stage {self.total - len(self.todo)} of {self.total}, {_minutes(elapsed)} elapsed, "
                 f"about {_minutes(left)} left")
 
     def finished(self, name: str, seconds: float) -> None:
-        if name in EXPECTED_S:
-            self.expected_done += EXPECTED_S[name]
+        if _expected(name):
+            self.expected_done += _expected(name)
             self.actual_done += seconds
 
 
@@ -321,6 +321,15 @@ def _outputs_exist(done: dict) -> bool:
     places = [done, done.get("result")]
     paths = [d.get(k) for d in places if isinstance(d, dict) for k in ("final_dir", "final", "path")]
     return all(os.path.isdir(p) for p in paths if isinstance(p, str))
+
+
+def eval_stage_name(split: str) -> str:
+    """The evaluation stage's marker name: ``5-eval`` (held-out) or ``5-eval-<split>``."""
+    return "5-eval" if split == "heldout" else f"5-eval-{split}"
+
+
+def _expected(name: str) -> float:
+    return EXPECTED_S.get("5-eval" if name.startswith("5-eval") else name, 0)  # 5-eval-val: the same work
 
 
 def eval_folder(split: str) -> str:
