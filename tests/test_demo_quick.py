@@ -246,6 +246,17 @@ def test_cached_stage_with_other_settings_is_refused_not_reused(tmp_path):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("stage", ["4c-online", "5-rounds-val"])
+@pytest.mark.parametrize("override", [{"synth": {"losers_per_prompt": 4}}, {"align": {"steps": 100}},
+                                      {"online": {"rounds": 3}}, {"clap": {"steps": 10}}])
+def test_the_online_arms_markers_record_every_section_it_reads(stage, override):
+    """The perturbed rounds run the synth (``synth``) for ``align.steps / rounds`` steps by default: a change to
+    either must re-run the arm, not reuse it."""
+    from mmpref.demo.stages import DemoConfig, stage_settings
+
+    assert stage_settings(DemoConfig.from_dict({}), stage) != stage_settings(DemoConfig.from_dict(override), stage)
+
+
 def test_cached_stage_whose_model_folder_vanished_runs_again(tmp_path):
     from mmpref.demo.stages import run_stage
 

@@ -203,9 +203,10 @@ STAGE_INPUTS: dict[str, list[str]] = {
     "3-synth": _SYNTH,
     "4-align": _SYNTH + ["align"],
     "4b-sft_more": _SYNTH + ["align", "sft_more"],
-    "4c-online": _BASE_MODEL + ["clap", "generation", "online"],
+    # the perturbed rounds run the synth's settings; their steps default to align.steps split over the rounds
+    "4c-online": _SYNTH + ["align", "online"],
     "5-eval": _SYNTH + ["align", "online", "sft_more", "eval"],
-    "5-rounds-val": _BASE_MODEL + ["clap", "generation", "online", "rounds_eval"],
+    "5-rounds-val": _SYNTH + ["align", "online", "rounds_eval"],
 }
 
 
