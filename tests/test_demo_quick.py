@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,81 @@ def test_text_only_captions_for_the_t5_skip_heldout_and_validation_texts(tmp_pat
     assert 0 < len(texts) < 600  # the world repeats captions: some drawn ones were held-out/validation texts
     assert not {c for c, _ in texts} & unseen
     assert _text_only_captions(cfg, tmp_path, 0) == texts
+
+
+def _caption_sets(tmp_path: Path, cfg) -> None:
+    from mmpref.demo.pipeline import _write_captions, write_val_captions
+    from mmpref.demo.stages import heldout_seed, pref_seed, world_for
+
+    for name, world_seed, n in (("heldout", heldout_seed(0), cfg.corpus.n_heldout),
+                                ("pref", pref_seed(0), cfg.corpus.n_pref_prompts)):
+        w = world_for(cfg, world_seed)
+        _write_captions(tmp_path, name, [w.sample_scene(w.rng(i)) for i in range(n)])
+    write_val_captions(cfg, tmp_path, 0)
+
+
+def test_online_round_captions_slice_the_preference_set_or_are_fresh_and_disjoint(tmp_path):
+    from mmpref.demo.pipeline import _round_captions
+    from mmpref.demo.stages import DemoConfig
+
+    sizes = {"n_heldout": 100, "n_pref_prompts": 100, "n_val": 100}
+    cfg = DemoConfig.from_dict({"corpus": sizes, "online": {"enabled": True, "losers_from": "perturbed", "rounds": 3,
+                                                            "prompts_per_round": 30}})
+    _caption_sets(tmp_path, cfg)
+    pref = (tmp_path / "captions" / "pref.txt").read_text().splitlines()
+    assert _round_captions(cfg, tmp_path, 0, tmp_path) == [pref[0:30], pref[30:60], pref[60:90]]
+    def online(**changes):
+        return replace(cfg, online=replace(cfg.online, **changes))
+
+    assert _round_captions(online(first_round="offline"), tmp_path, 0, tmp_path) == [pref[0:30], pref[30:60]]
+    with pytest.raises(ValueError, match="n_pref_prompts is 100.*online.captions: fresh"):
+        _round_captions(online(rounds=4), tmp_path, 0, tmp_path)
+
+    fresh = online(rounds=4, captions="fresh")
+    rounds = _round_captions(fresh, tmp_path, 0, tmp_path)
+    texts = [c for r in rounds for c in r]
+    others = {json.loads(line)["caption"] for name in ("heldout", "val", "pref")
+              for line in (tmp_path / "captions" / f"{name}.jsonl").read_text().splitlines()}
+    assert [len(r) for r in rounds] == [30] * 4 and not set(texts) & others
+    assert len(set(texts)) > 60  # new captions, not a few repeated
+    written = [json.loads(line)["caption"] for line in (tmp_path / "fresh.jsonl").read_text().splitlines()]
+    assert written == texts and _round_captions(fresh, tmp_path, 0, tmp_path) == rounds
+
+
+def test_online_first_round_offline_trains_on_the_offline_set_then_samples_from_each_new_policy(tmp_path,
+                                                                                                   monkeypatch):
+    """Round 0 learns from the offline synth (no sampling); every later round samples from the policy the round
+    before it made, and trains from that policy on what it sampled."""
+    from types import SimpleNamespace
+
+    import mmpref.demo.pipeline as pipeline
+    from mmpref.demo.stages import DemoConfig
+
+    cfg = DemoConfig.from_dict({"corpus": {"n_heldout": 20, "n_pref_prompts": 20, "n_val": 20},
+                                "align": {"steps": 90},
+                                "online": {"enabled": True, "losers_from": "perturbed", "rounds": 3,
+                                           "prompts_per_round": 5, "first_round": "offline", "captions": "fresh"}})
+    _caption_sets(tmp_path, cfg)
+    sampled, trained = [], []
+
+    def synthesise(cfg, run, seed, policy, captions, out):
+        sampled.append((policy, captions.read_text().splitlines()))
+        return {"grouped_jsonl": f"{out}.jsonl", "groups": 4, "winner_clap": 0.5, "clap": 0.4}
+
+    def train(raw, path):
+        trained.append((raw["model"]["pipeline"], raw["data"]["path"], raw["run"]["max_steps"]))
+        return SimpleNamespace(final_dir=f"policy-{len(trained)}", step=raw["run"]["max_steps"])
+
+    monkeypatch.setattr(pipeline, "synthesise", synthesise)
+    monkeypatch.setattr(pipeline, "_train_from_dict", train)
+    offline = {"grouped_jsonl": "offline.jsonl", "groups": 7, "winner_clap": 0.6, "clap": 0.5}
+    done = pipeline.online_stage(cfg, tmp_path, 0, "base", offline)
+
+    fresh = [json.loads(line)["caption"] for line in (tmp_path / "online" / "fresh.jsonl").read_text().splitlines()]
+    assert trained == [("base", "offline.jsonl", 30), ("policy-1", str(tmp_path / "online" / "synth-1.jsonl"), 30),
+                       ("policy-2", str(tmp_path / "online" / "synth-2.jsonl"), 30)]
+    assert sampled == [("policy-1", fresh[:5]), ("policy-2", fresh[5:])]
+    assert done["final_dir"] == "policy-3" and [r["groups"] for r in done["rounds"]] == [7, 4, 4]
 
 
 def test_scale_multiplies_sizes_and_steps_and_keeps_switched_off_parts_off():

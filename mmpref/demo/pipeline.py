@@ -30,6 +30,7 @@ from mmpref.demo.stages import (
     eval_folder,
     eval_stage_name,
     heldout_seed,
+    online_seed,
     pref_seed,
     run_stage,
     stage_settings,
@@ -446,12 +447,12 @@ def sft_more_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped
     return run_stage(run, "4b-sft_more", fit, settings=stage_settings(cfg, "4b-sft_more"), stage_dir=run / "sft_more")
 
 
-def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
+def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, offline_synth: dict) -> dict:
     """The online arm (see :class:`~mmpref.demo.stages.OnlineArmConfig`), through ``mmpref train``'s online
     rounds: the policy's own samples of the preference captions, ranked by the demo's CLAP."""
     o = cfg.online
     if o.losers_from == "perturbed":
-        return _perturbed_rounds(cfg, run, seed, base_dir)
+        return _perturbed_rounds(cfg, run, seed, base_dir, offline_synth)
 
     def fit() -> dict:
         raw = {
@@ -479,26 +480,28 @@ def online_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
     return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"), stage_dir=run / "online")
 
 
-def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> dict:
-    """The online arm with perturbed-caption losers: round k runs the synth on the current policy for its own slice
-    of the preference captions, then DPO from that policy (the reference: the same policy) for ``steps_per_round``
-    steps (default: the offline alignment's steps split over the rounds); the result samples the next round. Each
-    round is a stage of its own (resumable)."""
+def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str, offline_synth: dict) -> dict:
+    """The online arm with perturbed-caption losers: round k runs the synth on the current policy for its own
+    captions (:func:`_round_captions`), then DPO from that policy (the reference: the same policy) for
+    ``steps_per_round`` steps (default: the offline alignment's steps split over the rounds); the result samples the
+    next round. With ``first_round: offline``, round 0 learns from ``offline_synth`` (the synth of the base, which is
+    round 0's policy) instead of sampling. Each round is a stage of its own (resumable)."""
     o = cfg.online
     folder = run / "online"
 
     def fit() -> dict:
-        captions = (run / "captions" / "pref.txt").read_text().splitlines()
+        captions = _round_captions(cfg, run, seed, folder)
         policy, rounds, steps = base_dir, [], 0
         for k in range(o.rounds):
             def one_round(k=k, policy=policy) -> dict:
-                chunk = captions[k * o.prompts_per_round:(k + 1) * o.prompts_per_round]
-                if not chunk:
-                    raise ValueError(f"online: round {k} has no captions left (corpus.n_pref_prompts="
-                                     f"{len(captions)} < rounds x prompts_per_round); lower online.rounds")
-                write_text_atomic(folder / f"round-{k}.txt", "".join(c + "\n" for c in chunk))
-                made = synthesise(cfg, run, seed + 1000 * (k + 1), policy, folder / f"round-{k}.txt",
-                                  folder / f"synth-{k}")
+                if k == 0 and o.first_round == "offline":
+                    made, what = offline_synth, f"the offline preference set ({cfg.corpus.n_pref_prompts} captions)"
+                else:
+                    chunk = captions[k - (o.first_round == "offline")]
+                    write_text_atomic(folder / f"round-{k}.txt", "".join(c + "\n" for c in chunk))
+                    made = synthesise(cfg, run, seed + 1000 * (k + 1), policy, folder / f"round-{k}.txt",
+                                      folder / f"synth-{k}")
+                    what = f"{len(chunk)} {o.captions} captions"
                 groups = made["groups"]
                 if groups == 0:  # CLAP kept no group this round: nothing to learn from, the policy carries on
                     return {"final_dir": policy, "groups": 0, "steps": 0, "winner_mean": float("nan"),
@@ -510,19 +513,50 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str) -> d
                 result = _train_from_dict(raw, folder / f"dpo-{k}.yaml")
                 return {"final_dir": result.final_dir, "groups": groups, "steps": result.step,
                         "winner_mean": made["winner_clap"], "reward_mean": made["clap"],
-                        "line": f"online round {k}: {groups} groups from {len(chunk)} captions, {result.step} steps"}
+                        "line": f"online round {k}: {groups} groups from {what}, {result.step} steps"}
 
             done = run_stage(folder, f"round-{k}", one_round)
             policy, steps = done["final_dir"], steps + done["steps"]
             rounds.append({"round": k, "groups": done["groups"], "winner_mean": done["winner_mean"],
                            "reward_mean": done["reward_mean"]})
+        first = "the offline preference set, then " if o.first_round == "offline" else ""
         return {"final_dir": policy, "rounds": rounds,
-                "line": f"online diffusion-DPO, perturbed-caption losers (beta {o.beta:g}): {o.rounds} rounds of "
-                        f"{o.prompts_per_round} captions, {steps} steps; groups per round "
+                "line": f"online diffusion-DPO, perturbed-caption losers (beta {o.beta:g}): {o.rounds} rounds ({first}"
+                        f"{o.prompts_per_round} {o.captions} captions each), {steps} steps; groups per round "
                         + ", ".join(str(r["groups"]) for r in rounds)}
 
     # a changed online recipe re-runs the arm in a clean folder (it holds the arm's outputs only)
     return run_stage(run, "4c-online", fit, settings=stage_settings(cfg, "4c-online"), stage_dir=run / "online")
+
+
+def _round_captions(cfg: DemoConfig, run: Path, seed: int, folder: Path) -> list[list[str]]:
+    """The captions of each round that samples, ``online.prompts_per_round`` each: consecutive slices of the
+    preference captions (``captions: pref``), or fresh world captions whose texts are no held-out, validation or
+    preference caption (``captions: fresh``; also written to ``folder/fresh.jsonl``)."""
+    o = cfg.online
+    n_rounds, per = o.rounds - (o.first_round == "offline"), o.prompts_per_round
+    if o.captions == "pref":
+        pref = (run / "captions" / "pref.txt").read_text().splitlines()
+        if len(pref) < n_rounds * per:
+            raise ValueError(f"online: {n_rounds} sampled rounds x prompts_per_round {per} need {n_rounds * per} "
+                             f"preference captions, corpus.n_pref_prompts is {len(pref)}; lower online.rounds or "
+                             "online.prompts_per_round, or set online.captions: fresh")
+        return [pref[k * per:(k + 1) * per] for k in range(n_rounds)]
+    taken = {d["caption"] for name in ("heldout", "val", "pref")
+             for d in read_jsonl(run / "captions" / f"{name}.jsonl")}
+    world = world_for(cfg, online_seed(seed))
+    scenes, i = [], 0
+    while len(scenes) < n_rounds * per:
+        scene = world.sample_scene(world.rng(i))
+        i += 1
+        if scene.caption not in taken:  # repeats among the fresh captions are kept: the world draws them too
+            scenes.append(scene)
+        if i > 100 * (n_rounds * per + 10):
+            raise ValueError(f"online.captions fresh: too few captions in the world outside the other sets for "
+                             f"{n_rounds} x {per}; lower online.prompts_per_round")
+    write_jsonl_atomic(folder / "fresh.jsonl", [s.to_dict() for s in scenes])
+    texts = [s.caption for s in scenes]
+    return [texts[k * per:(k + 1) * per] for k in range(n_rounds)]
 
 
 def _per_round(rollouts: Path) -> list[dict]:
@@ -698,7 +732,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int) -> dict:
         stages["sft_more"] = sft_more_stage(cfg, run, seed, base, stages["synth"]["grouped_jsonl"])
         models["sft_more"] = stages["sft_more"]["final_dir"]
     if cfg.online.enabled:
-        stages["online"] = online_stage(cfg, run, seed, base)
+        stages["online"] = online_stage(cfg, run, seed, base, stages["synth"])
         models["online"] = stages["online"]["final_dir"]
     stages["judge"] = judge_stage(cfg, out)  # the measuring instrument: needed from here on only
     stages["eval"] = eval_stage(cfg, run, seed, out / "judge" / "judge.pt", models)

@@ -102,10 +102,25 @@ class OnlineArmConfig:
     lr: float = 5e-5
     batch_size: int = 8
     update_reference: bool = True  # each round's reference is the policy that drew its samples (iterative Tango 2)
+    # perturbed only. first_round "offline": round 0 learns from the offline arm's preference set instead of sampling
+    # (the base is round 0's policy, so the synth's samples of the base are its own: no sampling cost); "sample":
+    # round 0 runs the synth like every later round
+    first_round: str = "sample"
+    # perturbed only: the captions the sampled rounds draw, prompts_per_round each. "pref": consecutive slices of
+    # the preference captions; "fresh": new world captions (their own world seed; no held-out, validation or
+    # preference text), so the online arm also learns on captions the offline arm never saw
+    captions: str = "pref"
 
     def __post_init__(self) -> None:
         check(self.losers_from in ("samples", "perturbed"), "losers_from",
               f"must be samples or perturbed; got {self.losers_from!r}")
+        check(self.first_round in ("sample", "offline"), "first_round",
+              f"must be sample or offline; got {self.first_round!r}")
+        check(self.captions in ("pref", "fresh"), "captions", f"must be pref or fresh; got {self.captions!r}")
+        if self.losers_from == "samples":
+            for key, default in (("first_round", "sample"), ("captions", "pref")):
+                check(getattr(self, key) == default, key,
+                      "applies to losers_from: perturbed only; remove it or set losers_from: perturbed")
 
 
 EVAL_SPLITS = ("heldout", "val")
@@ -354,6 +369,11 @@ def pref_seed(seed: int) -> int:
 def text_seed(seed: int) -> int:
     """World seed of the text-only captions the T5 is taught from (``text_encoder.captions``)."""
     return 3_000_017 + seed
+
+
+def online_seed(seed: int) -> int:
+    """World seed of the online arm's fresh captions (``online.captions: fresh``)."""
+    return 4_000_037 + seed
 
 
 def val_seed(seed: int) -> int:
