@@ -519,10 +519,10 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str, offl
             policy, steps = done["final_dir"], steps + done["steps"]
             rounds.append({"round": k, "groups": done["groups"], "winner_mean": done["winner_mean"],
                            "reward_mean": done["reward_mean"]})
-        first = "the offline preference set, then " if o.first_round == "offline" else ""
+        first = "round 0 on the offline preference set, then " if o.first_round == "offline" else ""
         return {"final_dir": policy, "rounds": rounds,
                 "line": f"online diffusion-DPO, perturbed-caption losers (beta {o.beta:g}): {o.rounds} rounds ({first}"
-                        f"{o.prompts_per_round} {o.captions} captions each), {steps} steps; groups per round "
+                        f"{o.prompts_per_round} {o.captions} captions per round), {steps} steps; groups per round "
                         + ", ".join(str(r["groups"]) for r in rounds)}
 
     # a changed online recipe re-runs the arm in a clean folder (it holds the arm's outputs only)

@@ -272,6 +272,10 @@ def _online_words(config: dict) -> str:
     o = config.get("online", {})
     how = ("the synth run on the current policy (perturbed-caption losers from the winner's noise, CLAP-ranked)"
            if o.get("losers_from") == "perturbed" else "the policy's own samples of each caption, ranked by CLAP")
+    if o.get("losers_from") == "perturbed" and (o.get("first_round") == "offline" or o.get("captions") == "fresh"):
+        first = "the offline preference set in round 0, then " if o.get("first_round") == "offline" else ""
+        fresh = " for captions no other set has" if o.get("captions") == "fresh" else ""
+        how = f"{first}{how}{fresh}"
     return f"{o.get('rounds', '?')} rounds of DPO on {how}, each round's policy sampling the next"
 
 
