@@ -93,7 +93,7 @@ def test_order_accuracy_ignores_single_event_captions_and_deltas_are_paired():
 
 
 def test_every_arm_is_compared_with_base_control_and_earlier_arms_and_the_target_needs_both():
-    from mmpref.demo.report import comparisons, meets_target
+    from mmpref.demo.report import _seed_headline, comparisons, meets_target, target_words
 
     assert comparisons(["base", "aligned"]) == [("aligned", "base")]
     assert comparisons(["base", "aligned", "sft_more", "online"]) == [
@@ -111,6 +111,10 @@ def test_every_arm_is_compared_with_base_control_and_earlier_arms_and_the_target
     assert s["differences"]["online-sft_more"]["event_recall"]["mean"] == pytest.approx(0.25)
     assert s["delta"] is s["differences"]["aligned-base"]
     assert meets_target(s, "online") and not meets_target(s, "aligned")
+    seed_report = {"eval": s, "verdict": "v", "target_met": {"aligned": False, "online": True}}
+    assert _seed_headline(seed_report) == "online beats base and SFT-more (the target); aligned not"
+    assert _seed_headline({**seed_report, "target_met": {"aligned": False, "online": False}}).startswith("no arm")
+    assert target_words({"aligned": 0, "online": 2}, 3) == "aligned 0 of 3, online 2 of 3"
     rows["online"] = [row(0.7, 0.5)] * n  # the same recall bought with precision: not the target
     assert not meets_target(summarise_eval(rows, 1, 200, 0), "online")
     del rows["sft_more"]  # without the control the bar cannot be met

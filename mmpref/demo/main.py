@@ -75,7 +75,7 @@ def run_audio_demo(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mmpref.demo.pipeline import run_seed, stage_plan
-    from mmpref.demo.report import write_report
+    from mmpref.demo.report import target_words, write_report
     from mmpref.demo.stages import PROGRESS, DemoConfig, set_threads
 
     threads = set_threads()
@@ -98,7 +98,9 @@ def run_audio_demo(args: argparse.Namespace) -> int:
         results[seed] = run_seed(cfg, out, seed)
         timings[f"seed{seed}"] = round(time.perf_counter() - start, 1)
     report = write_report(out, results, asdict(cfg), timings, mode)
-    print(f"report: {out / 'report.md'} ({report['claim']})")
+    claim = (f"the target, seeds: {target_words(report['target'], args.seeds)}" if report.get("target")
+             else report["claim"])
+    print(f"report: {out / 'report.md'} ({claim})")
     return 0
 
 

@@ -222,6 +222,23 @@ def meets_target(evaluation: dict, arm: str) -> bool:
     return True
 
 
+def target_words(target: dict[str, int], n_seeds: int) -> str:
+    """``{"aligned": 0, "online": 2}`` -> "aligned 0 of 3, online 2 of 3"."""
+    return ", ".join(f"{MODEL_TITLES[a]} {n} of {n_seeds}" for a, n in target.items())
+
+
+def _seed_headline(seed_report: dict) -> str:
+    """Which arms meet the target on this seed (the offline arm's verdict against base where there is no control)."""
+    met = seed_report.get("target_met") or {}
+    if "sft_more" not in seed_report["eval"]["models"] or not met:
+        return seed_report["verdict"]
+    yes = [MODEL_TITLES[a] for a, ok in met.items() if ok]
+    no = [MODEL_TITLES[a] for a, ok in met.items() if not ok]
+    return (f"{' and '.join(yes)} beat{'s' if len(yes) == 1 else ''} base and SFT-more (the target)" if yes
+            else "no arm beats both base and SFT-more (the target)") + (f"; {' and '.join(no)} not" if yes and no
+                                                                        else "")
+
+
 def _folder(evaluation: dict) -> str:
     return eval_folder(evaluation.get("split", "heldout"))
 
@@ -288,13 +305,17 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
     j = report["judge"]["clean"]
     lines += [f"Judge (frame tagger trained on the world) on clean clips: exact match {j['exact_match']:.3f}, "
               f"event recall {j['event_recall']:.3f}, order accuracy {j['order_accuracy']:.3f}.", ""]
+    if report.get("target"):  # first: what a reader wants to know
+        lines += ["## Target", "", "Seeds on which an arm beats both the base and the SFT-more control outside the 95% "
+                  "CI on event recall or order accuracy, with precision not significantly worse: "
+                  + target_words(report["target"], len(seeds)), ""]
     for s in seeds:
         r = report["seeds"][str(s)]
         ev = r["eval"]
         split = "validation" if ev.get("split") == "val" else "held-out"
         names = [n for n in MODEL_TITLES if n in ev["models"]]
         diffs = ev.get("differences", {"aligned-base": ev["delta"]})
-        lines += [f"## Seed {s}: {r['verdict']}", "",
+        lines += [f"## Seed {s}: {_seed_headline(r)}", "",
                   f"{ev['captions']} {split} captions x {ev['samples_per_caption']} samples; mean [95% bootstrap "
                   "CI]. aligned = offline DPO on the synth's preference set"
                   + (f"; online = {_online_words(report['config'])}" if "online" in names else "")
@@ -321,10 +342,6 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
         lines += [f"- {k}: {v['line']} ({v['seconds']:.0f} s)" for k, v in r["stages"].items()
                   if v.get("seconds") is not None]
         lines.append("")
-    if report.get("target"):
-        lines += ["## Target", "", "Seeds on which an arm beats both the base and the SFT-more control outside the 95% "
-                  "CI on event recall or order accuracy, with precision not significantly worse: "
-                  + ", ".join(f"{MODEL_TITLES[a]} {n} of {len(seeds)}" for a, n in report["target"].items()), ""]
     lines += [f"## Plots (seed {seeds[0]})", "", "![training curves](plots/training_curves.png)", "",
               "![before/after](plots/before_after.png)", "", "![CLAP scores](plots/clap_hist.png)", "",
               *(["![online rounds](plots/online_rounds.png)", ""] if "online_rounds" in report["plots"] else []),
