@@ -123,18 +123,27 @@ def write_val_captions(cfg: DemoConfig, run: Path, seed: int) -> Path:
     nor preference captions, so recipes can be tuned on them without touching the reported test. Also called by
     the evaluation of runs whose corpus stage predates the validation split (deterministic per seed)."""
     taken = {d["caption"] for name in ("heldout", "pref") for d in read_jsonl(run / "captions" / f"{name}.jsonl")}
-    world = world_for(cfg, val_seed(seed))
+    scenes = _draw_scenes(cfg, val_seed(seed), cfg.corpus.n_val, taken, distinct=True,
+                          too_few=f"corpus.n_val={cfg.corpus.n_val}: too few distinct captions in the world; lower it")
+    _write_captions(run, "val", scenes)
+    return run / "captions" / "val.jsonl"
+
+
+def _draw_scenes(cfg: DemoConfig, world_seed: int, n: int, taken: set[str], distinct: bool, too_few: str) -> list:
+    """``n`` scenes of the world ``world_seed`` (in draw order) whose captions are not in ``taken``; ``distinct``:
+    no caption twice. ``too_few`` is the error when the world runs out of such captions."""
+    world, taken = world_for(cfg, world_seed), set(taken)
     scenes, i = [], 0
-    while len(scenes) < cfg.corpus.n_val:
+    while len(scenes) < n:
         scene = world.sample_scene(world.rng(i))
         i += 1
         if scene.caption not in taken:
-            taken.add(scene.caption)
+            if distinct:
+                taken.add(scene.caption)
             scenes.append(scene)
-        if i > 100 * (cfg.corpus.n_val + 10):
-            raise ValueError(f"corpus.n_val={cfg.corpus.n_val}: too few distinct captions in the world; lower it")
-    _write_captions(run, "val", scenes)
-    return run / "captions" / "val.jsonl"
+        if i > 100 * (n + 10):
+            raise ValueError(too_few)
+    return scenes
 
 
 def _load_corpus(run: Path) -> tuple[list[str], list[np.ndarray]]:
@@ -544,16 +553,10 @@ def _round_captions(cfg: DemoConfig, run: Path, seed: int, folder: Path) -> list
         return [pref[k * per:(k + 1) * per] for k in range(n_rounds)]
     taken = {d["caption"] for name in ("heldout", "val", "pref")
              for d in read_jsonl(run / "captions" / f"{name}.jsonl")}
-    world = world_for(cfg, online_seed(seed))
-    scenes, i = [], 0
-    while len(scenes) < n_rounds * per:
-        scene = world.sample_scene(world.rng(i))
-        i += 1
-        if scene.caption not in taken:  # repeats among the fresh captions are kept: the world draws them too
-            scenes.append(scene)
-        if i > 100 * (n_rounds * per + 10):
-            raise ValueError(f"online.captions fresh: too few captions in the world outside the other sets for "
-                             f"{n_rounds} x {per}; lower online.prompts_per_round")
+    # repeats among the fresh captions are kept: the world draws them too
+    scenes = _draw_scenes(cfg, online_seed(seed), n_rounds * per, taken, distinct=False,
+                          too_few=f"online.captions fresh: too few captions in the world outside the other sets for "
+                                  f"{n_rounds} x {per}; lower online.prompts_per_round")
     write_jsonl_atomic(folder / "fresh.jsonl", [s.to_dict() for s in scenes])
     texts = [s.caption for s in scenes]
     return [texts[k * per:(k + 1) * per] for k in range(n_rounds)]
