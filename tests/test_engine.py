@@ -224,3 +224,38 @@ def test_sharding_backends_mmpref_cannot_gather_are_refused_at_launch(kind, stag
             _check_backend(accelerator)
     else:
         _check_backend(accelerator)
+
+
+# ----- the optimizer -------------------------------------------------------------------------------------------------
+def test_foreach_adamw_is_the_per_tensor_loop_bitwise():
+    """The engine asks for torch's foreach AdamW (one kernel per operation over all tensors: faster for a model of
+    many small tensors on a CPU). It must update exactly as the per-tensor loop torch picks on a CPU by default."""
+    from mmpref.config import OptimConfig
+    from mmpref.models.tango import TangoPipeline
+    from mmpref.training.engine import _adamw
+
+    unet = TangoPipeline.from_preset("tiny").unet  # ~200 tensors, biases and norms without weight decay
+    twin = TangoPipeline.from_preset("tiny").unet
+    ours = _adamw(unet, OptimConfig(lr=1e-3, weight_decay=0.1))
+    twins = dict(twin.named_parameters())
+    loop = torch.optim.AdamW([{"params": [twins[n] for n in names], "weight_decay": g["weight_decay"]}
+                              for g, names in zip(ours.param_groups, _names(unet, ours))], foreach=False,
+                             lr=1e-3, eps=ours.defaults["eps"], betas=ours.defaults["betas"])
+    assert [g["foreach"] for g in ours.param_groups] == [True, True]
+    assert [g["foreach"] for g in loop.param_groups] == [False, False]
+    assert [g["weight_decay"] for g in loop.param_groups] == [0.1, 0.0]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for (_, p), (_, q) in zip(unet.named_parameters(), twin.named_parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        ours.step()
+        loop.step()
+    for (name, p), (_, q) in zip(unet.named_parameters(), twin.named_parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(unet.conv_in.weight, TangoPipeline.from_preset("tiny").unet.conv_in.weight)  # it moved
+
+
+def _names(module, optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]

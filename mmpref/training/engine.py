@@ -334,7 +334,10 @@ def _adamw(policy: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # foreach: one kernel per operation over all tensors instead of a Python loop over them. torch picks it only for
+    # CUDA tensors; on a CPU it is the same arithmetic (bitwise: tests/test_engine.py), 1.4x faster per step for the
+    # demo's UNet of 208 small tensors (benchmarks/adamw_foreach.py).
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=True)
 
 
 def _tag_metrics(res: Any, batch: Any) -> dict[str, float]:
