@@ -154,6 +154,29 @@ def test_quick_demo_end_to_end(tmp_path):
     # a second run resumes from the markers and reproduces the report's numbers
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "report.json").read_text())["seeds"]["0"]["eval"] == ev
+    _round_0_is_the_offline_arms_prefix(tmp_path)
+
+
+def _round_0_is_the_offline_arms_prefix(out: Path):
+    """The quick run's round 0 (first_round: offline) took the offline arm's checkpoint at its last step instead of
+    training: training it, as a round of its own, gives the same weights bit for bit."""
+    from safetensors.torch import load_file
+
+    import mmpref.demo.pipeline as pipeline
+    from mmpref.demo.main import CONFIG_DIR
+    from mmpref.demo.stages import DemoConfig
+
+    run, cfg = out / "seed0", DemoConfig.load(CONFIG_DIR / "demo_quick.yaml")
+    round0 = json.loads((run / "online" / "round-0.done.json").read_text())
+    assert "the offline arm's first 5" in round0["line"] and round0["steps"] == 5
+    base = json.loads((run / "2c-unet.done.json").read_text())["final_dir"]
+    raw = pipeline._round_run(cfg, run, 0, 0, base, str(run / "synth" / "grouped.jsonl"))
+    raw["run"]["output_dir"] = str(out / "round0-trained")
+    trained = pipeline._train_from_dict(raw, out / "round0-trained.yaml")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    ours, theirs = load_file(f"{round0['final_dir']}/{weights}"), load_file(f"{trained.final_dir}/{weights}")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(ours["conv_in.weight"], load_file(f"{base}/{weights}")["conv_in.weight"])  # it trained
 
 
 def test_modality_text_dispatches_to_the_text_demo_without_the_flag(monkeypatch):

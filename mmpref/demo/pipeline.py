@@ -394,11 +394,10 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
     a = cfg.align
 
     def fit() -> dict:
-        head: Any = {a.loss: {"beta": a.beta}}
-        loss = {**{a.loss: {"weight": 1.0, "beta": a.beta}}, "sft": {"weight": a.sft_weight}} \
-            if a.sft_weight > 0 else head
-        raw = {**_preference_run(cfg, run, base_dir, grouped_jsonl, loss, "dpo"),
-               **_optim_and_run(run, seed, "dpo", a.lr, a.steps, a.batch_size)}
+        raw = _align_run(cfg, run, seed, base_dir, grouped_jsonl)
+        shared = _shared_first_round(cfg, run, seed, base_dir, grouped_jsonl)
+        if shared:  # also save the policy at the step the online arm's round 0 ends, and keep that checkpoint
+            raw["run"].update(save_every=shared, keep_checkpoints=a.steps // shared + 1)
         result = _train_from_dict(raw, run / "dpo.yaml")
         m = read_jsonl(Path(result.metrics_file))
         acc = [r["rewards/accuracies"] for r in m if "rewards/accuracies" in r]
@@ -409,6 +408,64 @@ def align_stage(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_js
                         f"{np.mean(acc[-4:]) if acc else float('nan'):.2f}"}
 
     return run_stage(run, "4-align", fit, settings=stage_settings(cfg, "4-align"))
+
+
+def _align_run(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_jsonl: str) -> dict:
+    """The offline arm's training config (``mmpref train``'s sections)."""
+    a = cfg.align
+    head: Any = {a.loss: {"beta": a.beta}}
+    loss = {**{a.loss: {"weight": 1.0, "beta": a.beta}}, "sft": {"weight": a.sft_weight}} if a.sft_weight > 0 else head
+    return {**_preference_run(cfg, run, base_dir, grouped_jsonl, loss, "dpo"),
+            **_optim_and_run(run, seed, "dpo", a.lr, a.steps, a.batch_size)}
+
+
+def _round_run(cfg: DemoConfig, run: Path, seed: int, k: int, policy: str, grouped_jsonl: str) -> dict:
+    """Round ``k``'s training config in the perturbed online arm: DPO from ``policy`` (also its reference)."""
+    o = cfg.online
+    return {**_preference_run(cfg, run, policy, grouped_jsonl, {"dpo": {"beta": o.beta}}, f"online-{k}"),
+            **_optim_and_run(run / "online", seed + k, f"dpo-{k}", o.lr, _round_steps(cfg), o.batch_size)}
+
+
+def _round_steps(cfg: DemoConfig) -> int:
+    return cfg.online.steps_per_round or max(1, cfg.align.steps // cfg.online.rounds)
+
+
+# where a run writes, how long it runs and when it saves: two training configs that differ only here train the same
+# steps, as far as the shorter one goes, when their schedule does not depend on the length (a constant one)
+_PLACE_AND_LENGTH = {"run": {"output_dir", "max_steps", "save_every", "keep_checkpoints"}, "data": {"cache_dir"}}
+
+
+def _shared_first_round(cfg: DemoConfig, run: Path, seed: int, base_dir: str, grouped_jsonl: str) -> int | None:
+    """Round 0's step count when the online arm's round 0 is the offline arm's first steps, else None.
+
+    With ``first_round: offline`` round 0 trains on the offline preference set from the base, as the offline arm
+    does; when the two configs are equal but for place and length (same loss, beta, lr, batch, seed, schedule), round
+    0 IS the offline arm's first ``_round_steps`` steps. The offline arm then saves that step and round 0 takes its
+    weights instead of computing them again (the same bits: ``tests/test_demo_quick.py``)."""
+    o = cfg.online
+    if not (o.enabled and o.losers_from == "perturbed" and o.first_round == "offline"):
+        return None
+    n = _round_steps(cfg)
+
+    def kept(raw: dict) -> dict:
+        return {sec: ({k: v for k, v in vals.items() if k not in _PLACE_AND_LENGTH.get(sec, ())}
+                      if isinstance(vals, dict) else vals) for sec, vals in raw.items()}
+
+    offline, first = _align_run(cfg, run, seed, base_dir, grouped_jsonl), _round_run(cfg, run, seed, 0, base_dir,
+                                                                                  grouped_jsonl)
+    same = kept(offline) == kept(first) and offline["optim"]["scheduler"] == "constant"
+    return n if same and n < cfg.align.steps else None
+
+
+def _policy_from_checkpoint(base_dir: str, checkpoint: Path, out: Path) -> str:
+    """``base_dir``'s pipeline with the UNet weights of a training checkpoint of it, saved at ``out``."""
+    from safetensors.torch import load_file
+
+    pipe = load_demo_pipeline(base_dir)
+    pipe.unet.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp)
+    return str(out)
 
 
 def _preference_run(cfg: DemoConfig, run: Path, pipeline: str, grouped_jsonl: str, loss: Any, cache: str) -> dict:
@@ -424,7 +481,8 @@ def _optim_and_run(run: Path, seed: int, name: str, lr: float, steps: int | None
     """The optimizer and run sections every alignment arm shares (so they differ only in data and loss); ``steps``
     None: the run's length comes from elsewhere (online rounds)."""
     known = steps if steps is not None else 100
-    out = {"optim": {"lr": lr, "scheduler": "constant", "warmup_steps": min(10, known // 10)},
+    # 10 warmup steps, fewer in short runs (1 from 10 steps down: the same for the offline arm and its rounds)
+    out = {"optim": {"lr": lr, "scheduler": "constant", "warmup_steps": min(10, max(1, known // 10))},
            "run": {"output_dir": str(run / name), "batch_size": batch_size, "seed": seed, "log_every": 5,
                    "save_every": max(25, known // 4), "cpu": True}}
     if steps is not None:
@@ -495,6 +553,8 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str, offl
     ``steps_per_round`` steps (default: the offline alignment's steps split over the rounds); the result samples the
     next round. With ``first_round: offline``, round 0 learns from ``offline_synth`` (the synth of the base, which is
     round 0's policy) instead of sampling. Each round is a stage of its own (resumable)."""
+    from mmpref.training.checkpoint import checkpoint_dir, verify
+
     o = cfg.online
     folder = run / "online"
 
@@ -505,6 +565,14 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str, offl
             def one_round(k=k, policy=policy) -> dict:
                 if k == 0 and o.first_round == "offline":
                     made, what = offline_synth, f"the offline preference set ({cfg.corpus.n_pref_prompts} captions)"
+                    shared = _shared_first_round(cfg, run, seed, policy, made["grouped_jsonl"])
+                    taken = checkpoint_dir(run / "dpo", shared) if shared else None
+                    if taken is not None and verify(taken) is None:
+                        final = _policy_from_checkpoint(policy, taken, folder / "dpo-0" / "final")
+                        return {"final_dir": final, "groups": made["groups"], "steps": shared,
+                                "winner_mean": made["winner_clap"], "reward_mean": made["clap"],
+                                "line": f"online round 0: {made['groups']} groups from {what}, {shared} steps: the "
+                                        f"offline arm's first {shared} (the same run so far; its checkpoint)"}
                 else:
                     chunk = captions[k - (o.first_round == "offline")]
                     write_text_atomic(folder / f"round-{k}.txt", "".join(c + "\n" for c in chunk))
@@ -515,11 +583,8 @@ def _perturbed_rounds(cfg: DemoConfig, run: Path, seed: int, base_dir: str, offl
                 if groups == 0:  # CLAP kept no group this round: nothing to learn from, the policy carries on
                     return {"final_dir": policy, "groups": 0, "steps": 0, "winner_mean": float("nan"),
                             "reward_mean": float("nan"), "line": f"online round {k}: no groups kept, no steps"}
-                n_steps = o.steps_per_round or max(1, cfg.align.steps // o.rounds)
-                raw = {**_preference_run(cfg, run, policy, made["grouped_jsonl"], {"dpo": {"beta": o.beta}},
-                                         f"online-{k}"),
-                       **_optim_and_run(folder, seed + k, f"dpo-{k}", o.lr, n_steps, o.batch_size)}
-                result = _train_from_dict(raw, folder / f"dpo-{k}.yaml")
+                result = _train_from_dict(_round_run(cfg, run, seed, k, policy, made["grouped_jsonl"]),
+                                          folder / f"dpo-{k}.yaml")
                 return {"final_dir": result.final_dir, "groups": groups, "steps": result.step,
                         "winner_mean": made["winner_clap"], "reward_mean": made["clap"],
                         "line": f"online round {k}: {groups} groups from {what}, {result.step} steps"}
