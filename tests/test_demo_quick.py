@@ -403,3 +403,39 @@ def test_progress_counts_stages_and_rescales_the_eta_by_the_measured_speed():
     assert "5-eval" in stage_plan(cfg, 1) and "5-eval-val" in stage_plan(val, 1) and "5-eval" not in stage_plan(val, 1)
     p.plan(["5-eval-val"])
     assert p.started("5-eval-val").endswith(f"about {_minutes(EXPECTED_S['5-eval'])} left")
+
+
+def test_clap_hears_the_first_samples_of_each_caption_and_the_judge_all():
+    """eval.clap_samples: only the first k samples of each caption go through Griffin-Lim and CLAP; their scores land
+    on the right rows, the others hold None, and a caption's CLAP is the mean of its scored samples."""
+    from types import SimpleNamespace
+
+    from mmpref.demo.pipeline import judged_samples
+    from mmpref.demo.stages import DemoConfig
+
+    mels = torch.randn(3 * 4, 6, 2, generator=torch.Generator().manual_seed(0))
+    heard = []
+
+    class Pipe:  # generates `mels` (sample i of caption c is row 4c + i); its vocoder flattens them
+        def __call__(self, prompts, **kw):
+            return mels
+
+        def mel_to_wave(self, m):
+            heard.append(len(m))
+            return m.flatten(1)
+
+    pipe = Pipe()
+    judge = SimpleNamespace(score=lambda _, scene, logmel: {
+        "event_recall": float(logmel.mean() > 0), "event_precision": 1.0, "order_correct": 0.0, "exact_match": 0.0})
+    clap = SimpleNamespace(score=lambda prompts, waves, sr: np.array([float(w.sum()) for w in waves]))
+    scenes = [SimpleNamespace(caption=f"caption {i}", events=[1]) for i in range(3)]
+    rows, waves = judged_samples(pipe, judge, clap, scenes, 4, 0, DemoConfig(), "eval", clap_samples=2)
+    assert heard == [6] and len(waves) == 6
+    assert [r["clap"] is not None for r in rows] == [True, True, False, False] * 3
+    for i, r in enumerate(rows):
+        assert r["event_recall"] == float(mels[i].mean() > 0) and r["caption"] == f"caption {i // 4}"
+        if i % 4 < 2:
+            assert r["clap"] == pytest.approx(float(mels[i].sum()))
+    expected = [(float(mels[4 * c].sum()) + float(mels[4 * c + 1].sum())) / 2 for c in range(3)]
+    np.testing.assert_allclose(per_caption(rows, 4, "clap"), expected, rtol=1e-6)
+    assert summarise_eval({"base": rows, "aligned": rows}, 4, 100, 0)["clap_samples_per_caption"] == 2

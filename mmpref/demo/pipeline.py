@@ -684,10 +684,11 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
         rows: dict[str, list[dict]] = {}
         for name, path in models.items():
             pipe = load_demo_pipeline(path)
-            rows[name], waves = judged_samples(pipe, judge, clap, scenes, n, seed + 99, cfg, f"eval {name}")
+            rows[name], waves = judged_samples(pipe, judge, clap, scenes, n, seed + 99, cfg, f"eval {name}",
+                                               cfg.eval.clap_samples)
             ex = run / folder / "wav" / name
-            for i in range(min(cfg.eval.wav_examples, len(scenes))):
-                save_audio(ex / f"{i:02d}.wav", waves[i * n], 16000)
+            for i in range(min(cfg.eval.wav_examples, len(scenes))):  # sample 0 of the first captions
+                save_audio(ex / f"{i:02d}.wav", waves[i * min(n, cfg.eval.clap_samples or n)], 16000)
         write_json_atomic(run / folder / "samples.json", rows)
         from mmpref.demo.report import summarise_eval
 
@@ -701,15 +702,19 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
     return run_stage(run, name, evaluate, settings=stage_settings(cfg, name), stage_dir=run / folder)
 
 
-def judged_samples(pipe, judge, clap, scenes: list, n: int, seed: int, cfg: DemoConfig,
-                   desc: str) -> tuple[list[dict], np.ndarray]:
+def judged_samples(pipe, judge, clap, scenes: list, n: int, seed: int, cfg: DemoConfig, desc: str,
+                   clap_samples: int | None = None) -> tuple[list[dict], np.ndarray]:
     """``n`` samples of every scene's caption (sample ``i`` seeded by ``(seed, i)``), each scored by the judge
-    (from the generated log-mel) and by CLAP (from its Griffin-Lim wave); returns the rows and the waves."""
+    (from the generated log-mel) and the first ``clap_samples`` of each caption (None: all) by CLAP (from its
+    Griffin-Lim wave; the others get ``clap: None``); returns the rows and the waves of the CLAP-scored samples,
+    caption by caption."""
     prompts = [s.caption for s in scenes for _ in range(n)]
     mels = generate_mels(pipe, prompts, seed, cfg, desc=desc)
-    waves = pipe.mel_to_wave(mels).numpy()
-    clap_scores = clap.score(prompts, list(waves), 16000)
-    rows = [{**judge.score(None, scenes[i // n], logmel=mel), "clap": float(clap_scores[i]), "caption": prompt,
+    heard = [i for i in range(len(prompts)) if i % n < (clap_samples or n)]
+    waves = pipe.mel_to_wave(mels[heard]).numpy()
+    clap_scores = dict(zip(heard, clap.score([prompts[i] for i in heard], list(waves), 16000)))
+    rows = [{**judge.score(None, scenes[i // n], logmel=mel),
+             "clap": float(clap_scores[i]) if i in clap_scores else None, "caption": prompt,
              "events": len(scenes[i // n].events)} for i, (prompt, mel) in enumerate(zip(prompts, mels))]
     return rows, waves
 

@@ -21,7 +21,9 @@ def per_caption(rows: list[dict], samples_per_caption: int, metric: str) -> np.n
     ``order_accuracy`` only counts captions naming 2+ events (a single event has no order): NaN for the others.
     """
     key = "order_correct" if metric == "order_accuracy" else metric
-    vals = np.array([r[key] for r in rows], dtype=np.float64).reshape(-1, samples_per_caption).mean(axis=1)
+    vals = np.array([r[key] for r in rows], dtype=np.float64).reshape(-1, samples_per_caption)
+    # CLAP may score only the first samples of each caption (eval.clap_samples): the others are None -> NaN
+    vals = np.nanmean(vals, axis=1) if metric == "clap" else vals.mean(axis=1)
     if metric == "order_accuracy":
         multi = np.array([r["events"] > 1 for r in rows]).reshape(-1, samples_per_caption)[:, 0]
         vals = np.where(multi, vals, np.nan)
@@ -44,7 +46,9 @@ def summarise_eval(rows: dict[str, list[dict]], samples_per_caption: int, n_boot
     A - B (the models see the same captions and the same initial noise) with its CI, for every arm against the base,
     the SFT-more control and the arms before it (:func:`comparisons`); ``delta`` is ``differences["aligned-base"]``."""
     out: dict[str, Any] = {"models": {}, "differences": {}, "captions": len(rows["base"]) // samples_per_caption,
-                           "samples_per_caption": samples_per_caption}
+                           "samples_per_caption": samples_per_caption,
+                           "clap_samples_per_caption": sum(r["clap"] is not None
+                                                           for r in rows["base"][:samples_per_caption])}
     per = {name: {m: per_caption(r, samples_per_caption, m) for m in METRICS} for name, r in rows.items()}
     for name in rows:
         out["models"][name] = {m: bootstrap_ci(v, n_boot, seed) for m, v in per[name].items()}
@@ -154,6 +158,7 @@ def _mean_and_err(cis: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def plot_clap_hist(rows: dict[str, list[dict]], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    rows = {name: [r for r in v if r["clap"] is not None] for name, v in rows.items()}  # the CLAP-scored samples
     all_scores = np.concatenate([[r["clap"] for r in v] for v in rows.values()])
     bins = np.linspace(all_scores.min(), all_scores.max() + 1e-9, 20)
     for name, v in rows.items():
@@ -296,6 +301,11 @@ def _online_words(config: dict) -> str:
     return f"{o.get('rounds', '?')} rounds of DPO on {how}, each round's policy sampling the next"
 
 
+def _clap_words(ev: dict) -> str:
+    k = ev.get("clap_samples_per_caption", ev["samples_per_caption"])
+    return "" if k == ev["samples_per_caption"] else f" (CLAP: the first {k} of each caption's samples)"
+
+
 def _stage_seconds(report: dict, seed: int) -> float:
     return sum(v["seconds"] for v in report["seeds"][str(seed)]["stages"].values() if v.get("seconds") is not None)
 
@@ -316,8 +326,8 @@ def _write_md(out: Path, report: dict, seeds: list[int]) -> None:
         names = [n for n in MODEL_TITLES if n in ev["models"]]
         diffs = ev.get("differences", {"aligned-base": ev["delta"]})
         lines += [f"## Seed {s}: {_seed_headline(r)}", "",
-                  f"{ev['captions']} {split} captions x {ev['samples_per_caption']} samples; mean [95% bootstrap "
-                  "CI]. aligned = offline DPO on the synth's preference set"
+                  f"{ev['captions']} {split} captions x {ev['samples_per_caption']} samples"
+                  + _clap_words(ev) + "; mean [95% bootstrap CI]. aligned = offline DPO on the synth's preference set"
                   + (f"; online = {_online_words(report['config'])}" if "online" in names else "")
                   + ("; SFT-more = the base trained further on the synth's winners (plain denoising loss, the "
                      "offline alignment's steps)" if "sft_more" in names else "") + ".", "",

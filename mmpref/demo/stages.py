@@ -132,9 +132,14 @@ class EvalConfig:
     bootstrap: int = 2000
     wav_examples: int = 4
     split: str = "heldout"  # "heldout" (the reported test) or "val" (for tuning; written to eval_val/)
+    # CLAP scores the first this many samples of each caption (null: all). The judge reads every sample's log-mel;
+    # CLAP needs a wave, and Griffin-Lim for every sample costs more than the judging. CLAP is the reward the arms
+    # learn from: a diagnostic here, not part of the target.
+    clap_samples: int | None = None
 
     def __post_init__(self) -> None:
         check(self.split in EVAL_SPLITS, "split", f"must be one of {', '.join(EVAL_SPLITS)}; got {self.split!r}")
+        check(self.clap_samples is None or self.clap_samples >= 1, "clap_samples", "must be >= 1 or null")
 
 
 @dataclass
