@@ -349,6 +349,36 @@ def test_cached_stage_with_other_settings_is_refused_not_reused(tmp_path):
     assert len(calls) == 1
 
 
+def test_the_thread_count_is_fixed_and_recorded_not_chosen_by_the_load(tmp_path, monkeypatch):
+    """Training's numbers depend on torch's thread count: the demo uses one per core even on a busy machine, every
+    stage marker records the count, and a marker made with another count is stale (one written before the count was
+    recorded still counts as made with the current one)."""
+    import os
+
+    from mmpref.demo.stages import DemoConfig, StaleStageError, run_stage, set_threads, stage_settings
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    try:
+        assert set_threads() == 3 and set_threads(1) == 1
+        settings = stage_settings(DemoConfig(), "4-align")
+        assert settings["torch_threads"] == 1 and set(settings) == {"corpus", "duration_s", "seed", "vae", "unet",
+                                                                   "unet_channels", "text_encoder", "clap",
+                                                                   "cfg_dropout", "generation", "synth", "align",
+                                                                   "torch_threads"}
+        stage = lambda: {"line": "made"}  # noqa: E731
+        run_stage(tmp_path, "4-align", stage, log=lambda _: None, settings={"align": 1, "torch_threads": 1})
+        with pytest.raises(StaleStageError, match=r"changed: torch_threads\) \(it ran with --threads 1\)"):
+            run_stage(tmp_path, "4-align", stage, log=lambda _: None, settings={"align": 1, "torch_threads": 2})
+        marker = tmp_path / "4-align.done.json"
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "settings": {"align": 1}, "line": "old"}))
+        assert run_stage(tmp_path, "4-align", stage, log=lambda _: None,
+                         settings={"align": 1, "torch_threads": 2})["line"] == "old"
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("stage", ["4c-online", "5-rounds-val"])
 @pytest.mark.parametrize("override", [{"synth": {"losers_per_prompt": 4}}, {"align": {"steps": 100}},
                                       {"online": {"rounds": 3}}, {"clap": {"steps": 10}}])

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="multiply data sizes and training steps")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     p.add_argument("--config", default=None, help="a demo YAML (default configs/demo.yaml or demo_quick.yaml)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: one per core). The numbers depend on it; on a busy machine 1 is "
+                        "faster")
     p.add_argument("--fresh", action="store_true",
                    help="start over: delete what an earlier demo wrote in --out (nothing else) instead of resuming")
     return p
@@ -46,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = text.main(_without_modality(argv))
         return code if isinstance(code, int) else 0
     args = _parser().parse_args(argv)
-    if args.seeds < 1 or args.scale <= 0:
-        print("mmpref demo: --seeds must be >= 1 and --scale > 0", file=sys.stderr)
+    if args.seeds < 1 or args.scale <= 0 or (args.threads is not None and args.threads < 1):
+        print("mmpref demo: --seeds and --threads must be >= 1 and --scale > 0", file=sys.stderr)
         return 2
     return run_audio_demo(args)
 
@@ -76,9 +79,9 @@ def run_audio_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mmpref.demo.pipeline import run_seed, stage_plan
     from mmpref.demo.report import target_words, write_report
-    from mmpref.demo.stages import PROGRESS, DemoConfig, set_threads
+    from mmpref.demo.stages import PROGRESS, DemoConfig, machine_busy, set_threads
 
-    threads = set_threads()
+    threads = set_threads(args.threads)
     config = resolve_config(args.config) if args.config else \
         CONFIG_DIR / ("demo_quick.yaml" if args.quick else "demo.yaml")
     if not config.is_file():
@@ -91,6 +94,9 @@ def run_audio_demo(args: argparse.Namespace) -> int:
             print(f"mmpref demo: --fresh left {len(kept)} entries it did not write in {out}: {', '.join(kept[:5])}")
     mode = ("quick" if args.quick else "default") + (f", scale {args.scale:g}" if args.scale != 1 else "")
     print(f"mmpref demo ({mode}): config {config}, output {out}/, {threads} torch thread(s)")
+    if machine_busy() and args.threads is None and threads > 1:
+        print("mmpref demo: other work is running (load average >= cores): this run will be slow; --threads 1 runs "
+              "faster on a busy machine, with other numbers (training's sums split by thread count)")
     results, timings = {}, {}
     PROGRESS.plan(stage_plan(cfg, args.seeds))
     for seed in range(cfg.seed, cfg.seed + args.seeds):

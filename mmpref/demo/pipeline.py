@@ -63,7 +63,9 @@ def judge_stage(cfg: DemoConfig, out: Path) -> dict:
 
     def fit() -> dict:
         world = World0(cfg)
-        key = hashlib.sha256(json.dumps([cfg.judge.n, cfg.judge.epochs, cfg.duration_s, JUDGE_VERSION]).encode())
+        # the thread count changes the trained bits (torch's reductions split by it): part of what the judge is
+        key = hashlib.sha256(json.dumps([cfg.judge.n, cfg.judge.epochs, cfg.duration_s, JUDGE_VERSION,
+                                         torch.get_num_threads()]).encode())
         cached = cache_root() / "demo" / f"judge-{key.hexdigest()[:16]}.pt"
         if not cached.exists():
             judge = Judge.fit(world, n=cfg.judge.n, seed=1, epochs=cfg.judge.epochs)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -235,9 +236,20 @@ class StaleStageError(RunFolderError):
 
 
 def stage_settings(cfg: DemoConfig, name: str) -> dict:
+    """The config sections a stage reads, and torch's thread count (training's numbers depend on it)."""
     sections = STAGE_INPUTS["5-eval" if name.startswith("5-eval") else name]  # 5-eval-val: the same inputs
     values = asdict(cfg)
-    return {k: values[k] for k in sections}
+    return {**{k: values[k] for k in sections}, THREADS_KEY: torch.get_num_threads()}
+
+
+THREADS_KEY = "torch_threads"
+
+
+def _comparable(current: dict, recorded: Any) -> dict:
+    """``current`` as a marker written before the thread count was recorded would hold it (without it)."""
+    if isinstance(recorded, dict) and THREADS_KEY not in recorded:
+        return {k: v for k, v in current.items() if k != THREADS_KEY}
+    return current
 
 
 def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str], None] = print,
@@ -255,7 +267,7 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
     current = json.loads(json.dumps(settings))  # as it would read back from the marker (tuples -> lists)
     if marker.exists():
         done = json.loads(marker.read_text())
-        same = settings is None or done.get("settings") == current
+        same = settings is None or done.get("settings") == _comparable(current, done.get("settings"))
         if same and _outputs_exist(done):
             PROGRESS.skipped(name)
             log(f"[{name}] cached ({done['seconds']:.0f} s when run): {done['line']}")
@@ -263,13 +275,14 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
         if not same and stage_dir is None:
             old = done.get("settings") or {}
             changed = sorted(k for k in current if old.get(k) != current[k]) or ["(unrecorded)"]
+            threads = f" (it ran with --threads {old[THREADS_KEY]})" if THREADS_KEY in changed else ""
             raise StaleStageError(
-                f"{marker}: stage {name!r} was made with other settings (changed: {', '.join(changed)}); "
+                f"{marker}: stage {name!r} was made with other settings (changed: {', '.join(changed)}){threads}; "
                 "rerun with --fresh, or with another --out")
         marker.unlink()
     if stage_dir is not None:
         tag = stage_dir / ".stage_settings.json"
-        if not tag.exists() or json.loads(tag.read_text()) != current:
+        if not tag.exists() or (old := json.loads(tag.read_text())) != _comparable(current, old):
             shutil.rmtree(stage_dir, ignore_errors=True)
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(tag, current)
@@ -386,11 +399,18 @@ def val_seed(seed: int) -> int:
     return 2_000_029 + seed
 
 
-def set_threads() -> int:
-    """Every core for the big ops, unless the machine is already busy: oversubscribed OpenMP threads spin and
-    run several times slower than one thread (measured: a VAE step 23 s with 2 threads vs 4 s with 1 on a loaded
-    2-core box)."""
-    cores = max(1, os.cpu_count() or 1)
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
-    torch.set_num_threads(1 if busy else cores)
+def set_threads(threads: int | None = None) -> int:
+    """torch's threads for the demo: ``threads``, else one per core, whatever the machine's load.
+
+    Not chosen by the load (it was, until 2026-12-03): training's reductions split by thread count, so the demo's
+    numbers depend on it, and a run must not change its numbers because something else was running when it started.
+    The stage markers record the count (:func:`stage_settings`). A busy machine runs the default slowly
+    (oversubscribed OpenMP threads spin: a VAE step 23 s with 2 threads vs 4 s with 1 on a loaded 2-core box);
+    ``--threads 1`` is faster there, with other numbers."""
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     return torch.get_num_threads()
+
+
+def machine_busy() -> bool:
+    """Is the load average at least the number of cores (other work is running)?"""
+    return hasattr(os, "getloadavg") and os.getloadavg()[0] >= max(1, os.cpu_count() or 1)
