@@ -299,13 +299,13 @@ def run_stage(out: Path, name: str, fn: Callable[[], dict], log: Callable[[str],
     return done
 
 
-# Seconds each stage of the default audio demo (configs/demo.yaml) took on a 2-core CPU (stage markers of a fresh
-# `mmpref demo` with the evaluation on the validation captions, the same work, 2026-12-03: 891 s in all; the online
-# arm and its per-round curve from the 3-round recipe's runs the same day): the ETA's prior, rescaled as stages
-# finish by how fast this machine turns out to be. Nested stages (online rounds) are inside their parent's time.
-EXPECTED_S = {"judge": 42, "1-corpus": 1, "2a-vae": 40, "2b-pipeline": 11, "2c-unet": 84, "2d-clap": 19,
-              "3-synth": 134, "4-align": 105, "4b-sft_more": 30, "4c-online": 231, "5-eval": 155,
-              "5-rounds-val": 37}
+# Seconds each stage of the default audio demo (configs/demo.yaml) took on a 2-core CPU (stage markers of two fresh
+# `mmpref demo` runs with the evaluation on the validation captions, the same work, 2026-12-03: 808 s and 752 s
+# wall clock, averaged): the ETA's prior, rescaled as stages finish by how fast this machine turns out to be. Nested
+# stages (online rounds) are inside their parent's time.
+EXPECTED_S = {"judge": 42, "1-corpus": 1, "2a-vae": 40, "2b-pipeline": 16, "2c-unet": 80, "2d-clap": 17,
+              "3-synth": 118, "4-align": 97, "4b-sft_more": 26, "4c-online": 197, "5-eval": 108,
+              "5-rounds-val": 36}
 
 
 class Progress:
