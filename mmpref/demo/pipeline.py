@@ -690,7 +690,7 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
                                                cfg.eval.clap_samples)
             ex = run / folder / "wav" / name
             for i in range(min(cfg.eval.wav_examples, len(scenes))):  # sample 0 of the first captions
-                save_audio(ex / f"{i:02d}.wav", waves[i * min(n, cfg.eval.clap_samples or n)], 16000)
+                save_audio(ex / f"{i:02d}.wav", waves[i * n], 16000)
         write_json_atomic(run / folder / "samples.json", rows)
         from mmpref.demo.report import summarise_eval
 
@@ -705,16 +705,16 @@ def eval_stage(cfg: DemoConfig, run: Path, seed: int, judge_path: Path, models: 
 
 
 def judged_samples(pipe, judge, clap, scenes: list, n: int, seed: int, cfg: DemoConfig, desc: str,
-                   clap_samples: int | None = None) -> tuple[list[dict], np.ndarray]:
+                   clap_samples: int | None = None) -> tuple[list[dict], dict[int, np.ndarray]]:
     """``n`` samples of every scene's caption (sample ``i`` seeded by ``(seed, i)``), each scored by the judge
     (from the generated log-mel) and the first ``clap_samples`` of each caption (None: all) by CLAP (from its
-    Griffin-Lim wave; the others get ``clap: None``); returns the rows and the waves of the CLAP-scored samples,
-    caption by caption."""
+    Griffin-Lim wave; the others get ``clap: None``); returns the rows and the waves by sample index (the
+    CLAP-scored samples only)."""
     prompts = [s.caption for s in scenes for _ in range(n)]
     mels = generate_mels(pipe, prompts, seed, cfg, desc=desc)
     heard = [i for i in range(len(prompts)) if i % n < (clap_samples or n)]
-    waves = pipe.mel_to_wave(mels[heard]).numpy()
-    clap_scores = dict(zip(heard, clap.score([prompts[i] for i in heard], list(waves), 16000)))
+    waves = dict(zip(heard, pipe.mel_to_wave(mels[heard]).numpy()))
+    clap_scores = dict(zip(heard, clap.score([prompts[i] for i in heard], list(waves.values()), 16000)))
     rows = [{**judge.score(None, scenes[i // n], logmel=mel),
              "clap": float(clap_scores[i]) if i in clap_scores else None, "caption": prompt,
              "events": len(scenes[i // n].events)} for i, (prompt, mel) in enumerate(zip(prompts, mels))]
