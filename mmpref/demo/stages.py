@@ -235,14 +235,14 @@ class StaleStageError(RunFolderError):
     """A cached stage was made with other settings than the current config."""
 
 
+THREADS_KEY = "torch_threads"  # in every stage's settings: training's numbers depend on torch's thread count
+
+
 def stage_settings(cfg: DemoConfig, name: str) -> dict:
     """The config sections a stage reads, and torch's thread count (training's numbers depend on it)."""
     sections = STAGE_INPUTS["5-eval" if name.startswith("5-eval") else name]  # 5-eval-val: the same inputs
     values = asdict(cfg)
     return {**{k: values[k] for k in sections}, THREADS_KEY: torch.get_num_threads()}
-
-
-THREADS_KEY = "torch_threads"
 
 
 def _comparable(current: dict, recorded: Any) -> dict:
